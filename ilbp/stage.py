@@ -1,0 +1,237 @@
+"""Stages and staged models: the contract every strategy, engine and executor works on.
+
+A *stage* is a pure pair of functions over explicit pytrees:
+
+    init(rng, x)                           -> (params, state)
+    apply(params, state, x, rng, train)    -> (y, new_state)
+
+`params` are trained; `state` holds everything else a forward may update (BatchNorm
+statistics, NNX RNG counters). An auxiliary head is a stage too: its output is logits.
+
+A `StagedModel` is K stages, K - 1 auxiliary heads (one on the output of every stage
+but the last) and the loss. Its variables are grouped by the stage that owns them, so
+that stage k's parameters, state and optimizer state can live on device k:
+
+    params[k] = {"stage": θ_k, "head": φ_k}   for k < K - 1
+    params[K - 1] = {"stage": θ_K}
+    state has the same layout.
+
+Indices in code are 0-based: stage k = 0..K-1; DESIGN.md's f_1..f_K are stages 0..K-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+Params = Any
+State = Any
+Batch = Mapping[str, jax.Array]
+# loss_fn(logits, batch) -> (scalar mean loss, metrics such as {"accuracy": ...}).
+LossFn = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+InitFn = Callable[[jax.Array, jax.Array], tuple[Params, State]]
+ApplyFn = Callable[[Params, State, jax.Array, jax.Array | None, bool], tuple[jax.Array, State]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One depthwise piece of a network (or an auxiliary head) as pure functions.
+
+    Attributes:
+      init: `init(rng, x) -> (params, state)`.
+      apply: `apply(params, state, x, rng, train) -> (y, new_state)`. `rng` may be None
+        when `train` is False; `new_state` has the structure of `state`.
+      name: used in error messages.
+    """
+
+    init: InitFn
+    apply: ApplyFn
+    name: str = "stage"
+
+
+def from_linen(
+    module: nn.Module,
+    name: str | None = None,
+    *,
+    train_kwarg: str | None = "train",
+    rng_streams: Sequence[str] = ("dropout",),
+) -> Stage:
+    """Wraps a Linen module as a Stage.
+
+    Collection "params" becomes `params`; every other collection (e.g. "batch_stats")
+    becomes `state` and is mutable when training. `train_kwarg` names the module's
+    boolean training argument (None if it has none). `rng_streams` receive the step's
+    rng during training.
+    """
+
+    def kwargs(train: bool) -> dict[str, bool]:
+        return {} if train_kwarg is None else {train_kwarg: train}
+
+    def init(rng: jax.Array, x: jax.Array) -> tuple[Params, State]:
+        rngs = {"params": rng, **{s: rng for s in rng_streams}}
+        variables = dict(module.init(rngs, x, **kwargs(False)))
+        params = variables.pop("params", {})
+        return params, variables
+
+    def apply(params, state, x, rng, train):
+        rngs = {s: rng for s in rng_streams} if (train and rng is not None) else None
+        variables = {"params": params, **state}
+        if train and state:
+            y, new_state = module.apply(
+                variables, x, **kwargs(train), rngs=rngs, mutable=list(state)
+            )
+            return y, dict(new_state)
+        return module.apply(variables, x, **kwargs(train), rngs=rngs), state
+
+    return Stage(init, apply, name or type(module).__name__)
+
+
+def from_nnx(make: Callable[[nnx.Rngs], nnx.Module], name: str | None = None) -> Stage:
+    """Wraps an NNX module factory `make(rngs) -> module` as a Stage (via split/merge).
+
+    `params` is the module's `nnx.Param` state and `state` everything else (batch
+    statistics, RNG counters). `train` switches the module with `.train()`/`.eval()`;
+    the step's rng reseeds the module's RNG streams.
+    """
+
+    def init(rng: jax.Array, x: jax.Array) -> tuple[Params, State]:
+        del x  # NNX modules know their shapes at construction.
+        _, params, state = nnx.split(make(nnx.Rngs(rng)), nnx.Param, ...)
+        return params, state
+
+    graphdef = None
+
+    def apply(params, state, x, rng, train):
+        nonlocal graphdef
+        if graphdef is None:  # The graph definition is static: build it once, abstractly.
+            graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)[0]
+        module = nnx.merge(graphdef, params, state)
+        if train:
+            module.train()
+            if rng is not None and state:
+                _reseed(module, rng)
+        else:
+            module.eval()
+        y = module(x)
+        return y, nnx.split(module, nnx.Param, ...)[2]
+
+    return Stage(init, apply, name or "nnx")
+
+
+def _reseed(module: nnx.Module, rng: jax.Array) -> None:
+    streams = {
+        path[-1]
+        for path, value in nnx.iter_graph(module)
+        if isinstance(value, nnx.RngStream) and path
+    }
+    if streams:
+        nnx.reseed(module, **{s: rng for s in streams})
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedModel:
+    """K stages, K - 1 auxiliary heads and the losses.
+
+    Attributes:
+      stages: f_1..f_K; stage k maps h_{k-1} to h_k, the last one to logits.
+      heads: g_1..g_{K-1}; head k maps h_k to auxiliary logits.
+      loss: ℓ(logits, batch) for the final output.
+      aux_loss: ℓ for the auxiliary heads (defaults to `loss`).
+      input_key: the batch entry that is h_0.
+    """
+
+    stages: tuple[Stage, ...]
+    heads: tuple[Stage, ...]
+    loss: LossFn
+    aux_loss: LossFn | None = None
+    input_key: str = "inputs"
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "heads", tuple(self.heads))
+        if not self.stages:
+            raise ValueError("A StagedModel needs at least one stage.")
+        if len(self.heads) != len(self.stages) - 1:
+            raise ValueError(
+                f"A StagedModel with K={len(self.stages)} stages needs K - 1 = "
+                f"{len(self.stages) - 1} auxiliary heads (one after every stage but the "
+                f"last); got {len(self.heads)}."
+            )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def head_loss(self, k: int) -> LossFn:
+        """The loss applied to the output of head k (k < K - 1) or of the last stage."""
+        if k == self.num_stages - 1:
+            return self.loss
+        return self.aux_loss or self.loss
+
+    def check_shapes(self, x: jax.Array) -> list[jax.ShapeDtypeStruct]:
+        """Traces the stage chain abstractly; returns the shape of every h_k.
+
+        Raises ValueError naming the stage or head that cannot take its input. Costs
+        no compilation and no FLOPs.
+        """
+        rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
+        h = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        shapes = []
+        for k, stage in enumerate(self.stages):
+            h = _abstract_forward(stage, rng, h, f"stage {k} ({stage.name})", k, "stage")
+            shapes.append(h)
+            if k < len(self.heads):
+                head = self.heads[k]
+                _abstract_forward(head, rng, h, f"aux head {k} ({head.name})", k, "head")
+        return shapes
+
+    def init(self, rng: jax.Array, x: jax.Array) -> tuple[tuple[Params, ...], tuple[State, ...]]:
+        """Initialises every stage and head for inputs shaped like `x` (shape-checked).
+
+        Returns (params, state), each a K-tuple of {"stage": ..., "head": ...} dicts
+        ("head" absent on the last stage).
+        """
+        self.check_shapes(x)
+        params, state = [], []
+        h = x
+        for k, stage in enumerate(self.stages):
+            rng_stage, rng_head = stage_rngs(rng, k)
+            p, s = stage.init(rng_stage, h)
+            h, _ = stage.apply(p, s, h, None, False)
+            params.append({"stage": p})
+            state.append({"stage": s})
+            if k < len(self.heads):
+                ph, sh = self.heads[k].init(rng_head, h)
+                params[k]["head"], state[k]["head"] = ph, sh
+        return tuple(params), tuple(state)
+
+
+def _abstract_forward(stage: Stage, rng, h, what: str, k: int, kind: str):
+    try:
+        p, s = jax.eval_shape(stage.init, rng, h)
+        y, _ = jax.eval_shape(lambda p, s, h, r: stage.apply(p, s, h, r, True), p, s, h, rng)
+    except Exception as e:
+        source = (
+            "the model input" if k == 0 and kind == "stage" else f"stage {k - (kind == 'stage')}"
+        )
+        raise ValueError(
+            f"{what} cannot take the output of {source}, of shape {h.shape} and dtype "
+            f"{h.dtype}: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(y, jax.ShapeDtypeStruct):
+        raise ValueError(f"{what} must return one array, got {jax.tree.structure(y)}.")
+    return y
+
+
+def stage_rngs(rng: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The rngs of stage k and of its aux head, derived from the step's rng.
+
+    Every engine and executor uses these, so that they all draw the same randomness.
+    """
+    rng = jax.random.fold_in(rng, k)
+    return jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
