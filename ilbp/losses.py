@@ -9,20 +9,31 @@ import optax
 from ilbp.stage import Batch, LossFn
 
 
-def classification_loss(label_key: str = "label") -> LossFn:
+def classification_loss(label_key: str = "label", weight_key: str = "weights") -> LossFn:
     """Softmax cross-entropy against integer labels.
 
-    logits_BxC, batch[label_key]_B -> (mean loss, {"accuracy"}).
+    logits_BxC, batch[label_key]_B (and optional 0/1 batch[weight_key]_B marking padded
+    examples) -> (mean loss over counted examples, {"accuracy"}).
     """
 
     def loss_fn(logits_BxC: jax.Array, batch: Batch):
         labels_B = batch[label_key]
-        logits_BxC = logits_BxC.astype(jnp.float32)
+        logits_BxC = logits_BxC.astype(jnp.promote_types(logits_BxC.dtype, jnp.float32))
         loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B)
-        accuracy = jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B)
-        return jnp.mean(loss_B), {"accuracy": accuracy}
+        correct_B = jnp.argmax(logits_BxC, -1) == labels_B
+        return _weighted_mean(loss_B, correct_B, batch.get(weight_key))
 
     return loss_fn
+
+
+def _weighted_mean(loss, correct, weights):
+    """(mean loss, {"accuracy"}) over the entries whose weight is non-zero."""
+    if weights is None:
+        return jnp.mean(loss), {"accuracy": jnp.mean(correct)}
+    weights = weights.astype(loss.dtype)
+    count = jnp.maximum(jnp.sum(weights), 1.0)
+    accuracy = jnp.sum(correct * weights) / count
+    return jnp.sum(loss * weights) / count, {"accuracy": accuracy}
 
 
 def next_token_loss(target_key: str = "targets", weight_key: str = "weights") -> LossFn:
@@ -34,13 +45,9 @@ def next_token_loss(target_key: str = "targets", weight_key: str = "weights") ->
 
     def loss_fn(logits_BxTxV: jax.Array, batch: Batch):
         targets_BxT = batch[target_key]
-        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+        logits_BxTxV = logits_BxTxV.astype(jnp.promote_types(logits_BxTxV.dtype, jnp.float32))
         loss_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-        weights_BxT = batch.get(weight_key, jnp.ones_like(loss_BxT))
-        weights_BxT = weights_BxT.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(weights_BxT), 1.0)
         correct_BxT = jnp.argmax(logits_BxTxV, -1) == targets_BxT
-        accuracy = jnp.sum(correct_BxT * weights_BxT) / count
-        return jnp.sum(loss_BxT * weights_BxT) / count, {"accuracy": accuracy}
+        return _weighted_mean(loss_BxT, correct_BxT, batch.get(weight_key))
 
     return loss_fn

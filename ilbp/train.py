@@ -1,0 +1,231 @@
+"""Train and eval steps: pure, jitted, data parallel over a mesh axis `data`.
+
+    state = init_train_state(model, optimizer, rng, batch, mesh=mesh)
+    step = make_train_step(model, strategy, optimizer, mesh=mesh)
+    state, metrics = step(state, batch)
+
+Each stage k owns its optimizer state (for θ_k and φ_k): one optax transformation for
+all stages or one per stage. With `microbatches=M` a step accumulates the gradients of
+M equal slices of the batch (in order, threading BatchNorm state) and updates once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ilbp.engine import ENGINES, Grads, Metrics, loss_metrics
+from ilbp.mesh import DATA_AXIS, batch_sharding, replicated
+from ilbp.stage import Batch, StagedModel
+from ilbp.strategy import Strategy
+
+Optimizer = optax.GradientTransformation | Sequence[optax.GradientTransformation]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; each field a K-tuple indexed by stage.
+
+    Attributes:
+      step: number of updates done.
+      params: per stage {"stage": θ_k, "head": φ_k} ("head" absent on the last).
+      state: per stage mutable collections (BatchNorm statistics), same layout.
+      opt_state: per stage optax state of that stage's parameters.
+      rng: base key; step t uses fold_in(rng, t).
+    """
+
+    step: jax.Array
+    params: tuple
+    state: tuple
+    opt_state: tuple
+    rng: jax.Array
+
+
+def per_stage_optimizers(
+    optimizer: Optimizer, num_stages: int
+) -> tuple[optax.GradientTransformation, ...]:
+    """One optax transformation per stage (the same one repeated if one is given)."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return (optimizer,) * num_stages
+    optimizers = tuple(optimizer)
+    if len(optimizers) != num_stages:
+        raise ValueError(
+            f"Got {len(optimizers)} optimizers for a model with K={num_stages} stages; "
+            "pass one optimizer for all stages or exactly one per stage."
+        )
+    return optimizers
+
+
+def init_train_state(
+    model: StagedModel,
+    optimizer: Optimizer,
+    rng: jax.Array,
+    batch: Batch,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainState:
+    """Initialises parameters (shape-checked against `batch`) and optimizer states.
+
+    With a mesh, the state is created replicated over it.
+    """
+    optimizers = per_stage_optimizers(optimizer, model.num_stages)
+    x = batch[model.input_key]
+    init_rng, step_rng = jax.random.split(rng)
+    model.check_shapes(x)
+
+    def init(init_rng, step_rng):
+        params, state = model.init(init_rng, x)
+        opt_state = tuple(tx.init(p) for tx, p in zip(optimizers, params))
+        return TrainState(jnp.zeros((), jnp.int32), params, state, opt_state, step_rng)
+
+    out_shardings = None if mesh is None else replicated(mesh)
+    return jax.jit(init, out_shardings=out_shardings)(init_rng, step_rng)
+
+
+def accumulate_grads(
+    grad_fn: Callable[[tuple, Batch], tuple[Grads, tuple, Metrics]],
+    params: tuple,
+    state: tuple,
+    batch: Batch,
+    microbatches: int,
+) -> tuple[Grads, tuple, Metrics]:
+    """Mean gradient and metrics over M microbatches, state threaded in order."""
+    if microbatches == 1:
+        return grad_fn(params, state, batch, 0)
+    split = jax.tree.map(
+        lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
+    )
+
+    def body(carry, inputs):
+        grad_sum, state = carry
+        m, microbatch = inputs
+        grads, state, metrics = grad_fn(params, state, microbatch, m)
+        return (jax.tree.map(jnp.add, grad_sum, grads), state), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, state), metrics = jax.lax.scan(
+        body, (zeros, state), (jnp.arange(microbatches), split)
+    )
+    mean = lambda tree: jax.tree.map(lambda x: x / microbatches, tree)
+    return mean(grad_sum), state, jax.tree.map(lambda x: jnp.mean(x, 0), metrics)
+
+
+def check_batch(batch: Batch, mesh: jax.sharding.Mesh | None, microbatches: int) -> None:
+    """Raises ValueError if the batch cannot be split over `data` and microbatches."""
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"Every batch entry needs the same leading size; got {sorted(sizes)}.")
+    (size,) = sizes
+    data = 1 if mesh is None else mesh.shape[DATA_AXIS]
+    if size % (data * microbatches):
+        raise ValueError(
+            f"Batch size {size} must be divisible by the `data` mesh axis ({data}) times "
+            f"the number of microbatches ({microbatches}); choose a batch size that is a "
+            f"multiple of {data * microbatches}."
+        )
+
+
+def make_train_step(
+    model: StagedModel,
+    strategy: Strategy,
+    optimizer: Optimizer,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    engine: str = "routed",
+    microbatches: int = 1,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """A pure `step(state, batch) -> (state, metrics)`, jitted (with donation).
+
+    The batch is sharded over the mesh axis `data` and everything else replicated; the
+    result equals the single-device step up to float reassociation. The returned
+    function checks the batch shape before tracing; `.jitted` is the jitted function
+    (for lowering and cost analysis).
+
+    Metrics: "loss", "accuracy" (final head), "aux/k/loss", "aux/k/accuracy", and per
+    stage "grad_norm/k" (of θ_k) and "param_norm/k".
+    """
+    K = model.num_stages
+    strategy.check(K)
+    optimizers = per_stage_optimizers(optimizer, K)
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; choose one of {sorted(ENGINES)}.")
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be ≥ 1; got {microbatches}.")
+    engine_fn = ENGINES[engine]
+
+    def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(ts.rng, ts.step)
+        grad_fn = lambda params, state, b, m: engine_fn(
+            model, strategy, params, state, b, jax.random.fold_in(rng, m)
+        )
+        grads, new_state, metrics = accumulate_grads(
+            grad_fn, ts.params, ts.state, batch, microbatches
+        )
+        params, opt_state = [], []
+        for k, tx in enumerate(optimizers):
+            updates, opt = tx.update(grads[k], ts.opt_state[k], ts.params[k])
+            params.append(optax.apply_updates(ts.params[k], updates))
+            opt_state.append(opt)
+            metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k]["stage"])
+            metrics[f"param_norm/{k}"] = optax.global_norm(params[k]["stage"])
+        new = TrainState(ts.step + 1, tuple(params), new_state, tuple(opt_state), ts.rng)
+        return new, metrics
+
+    shardings: dict[str, Any] = {}
+    if mesh is not None:
+        shardings = dict(
+            in_shardings=(replicated(mesh), batch_sharding(mesh)),
+            out_shardings=(replicated(mesh), replicated(mesh)),
+        )
+    jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
+
+    def checked_step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        check_batch(batch, mesh, microbatches)
+        return jitted(ts, batch)
+
+    checked_step.jitted = jitted
+    return checked_step
+
+
+def make_eval_step(
+    model: StagedModel, *, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[TrainState, Batch], Metrics]:
+    """`eval_step(state, batch) -> metrics` of the final and every aux head (no updates).
+
+    Uses the inference mode of every stage (BatchNorm running statistics).
+    """
+    K = model.num_stages
+
+    def evaluate(ts: TrainState, batch: Batch) -> Metrics:
+        metrics: Metrics = {}
+        h = batch[model.input_key]
+        for k, stage in enumerate(model.stages):
+            p, s = ts.params[k], ts.state[k]
+            h, _ = stage.apply(p["stage"], s["stage"], h, None, False)
+            logits = h
+            if k < K - 1:
+                logits, _ = model.heads[k].apply(p["head"], s["head"], h, None, False)
+            loss, m = model.head_loss(k)(logits, batch)
+            metrics.update(loss_metrics(k, K, loss, m))
+        return metrics
+
+    shardings: dict[str, Any] = {}
+    if mesh is not None:
+        shardings = dict(
+            in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=replicated(mesh)
+        )
+    jitted = jax.jit(evaluate, **shardings)
+
+    def checked_eval(ts: TrainState, batch: Batch) -> Metrics:
+        check_batch(batch, mesh, 1)
+        return jitted(ts, batch)
+
+    checked_eval.jitted = jitted
+    return checked_eval
