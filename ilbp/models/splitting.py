@@ -1,0 +1,130 @@
+"""Where to cut a chain of units into K stages: given counts, or balanced by FLOPs.
+
+A split is a tuple of K positive unit counts that add up to the number of units; stage k
+holds units sum(counts[:k]) .. sum(counts[:k+1]) - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+REST = "rest"
+
+
+def parse_blocks_per_stage(spec: str | Sequence[int | str], num_units: int) -> tuple[int, ...]:
+    """Resolves a `blocks_per_stage` list such as "2,1,1,rest" or [2, 1, 1, "rest"].
+
+    Each entry is a positive unit count (stem and classifier count as one unit each);
+    at most one entry may be "rest": whatever the others leave, at least one unit.
+    Without "rest" the counts must add up to `num_units` exactly. Raises ValueError.
+    """
+    entries = spec.split(",") if isinstance(spec, str) else list(spec)
+    counts: list[int | None] = []
+    for e in entries:
+        e = e.strip() if isinstance(e, str) else e
+        if e == REST:
+            counts.append(None)
+            continue
+        try:
+            n = int(e)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or str(n) != str(e):
+            raise ValueError(
+                f"blocks_per_stage {spec!r}: entry {e!r} is neither a positive integer nor "
+                f"{REST!r}."
+            )
+        counts.append(n)
+    if not counts:
+        raise ValueError("blocks_per_stage is empty.")
+    if counts.count(None) > 1:
+        raise ValueError(f"blocks_per_stage {spec!r}: at most one {REST!r} entry.")
+    given = sum(n for n in counts if n is not None)
+    if None in counts:
+        left = num_units - given
+        if left < 1:
+            raise ValueError(
+                f"blocks_per_stage {spec!r} leaves {left} units for {REST!r}; the model has "
+                f"{num_units} units (stem + blocks + classifier), so 'rest' needs ≥ 1."
+            )
+        counts = [left if n is None else n for n in counts]
+    elif given != num_units:
+        raise ValueError(
+            f"blocks_per_stage {spec!r} adds up to {given} units, but the model has "
+            f"{num_units} (stem + blocks + classifier); fix the counts or end with {REST!r}."
+        )
+    return tuple(counts)
+
+
+def check_num_stages(num_stages: int, num_units: int, what: str = "units") -> None:
+    if not isinstance(num_stages, int) or not 1 <= num_stages <= num_units:
+        raise ValueError(
+            f"num_stages={num_stages!r} must be an integer between 1 and the number of "
+            f"{what}, {num_units}: every stage needs at least one."
+        )
+
+
+def balance_split(
+    unit_costs: Sequence[float],
+    num_stages: int,
+    head_costs: Sequence[float] | None = None,
+) -> tuple[int, ...]:
+    """Contiguous split of units into K stages that minimises the most expensive stage.
+
+    The cost of a stage holding units a..b is sum(unit_costs[a..b]) plus, for every
+    stage but the last, head_costs[b] (its aux head sits on unit b's output). Exact
+    dynamic programme, O(K N²).
+    """
+    n = len(unit_costs)
+    check_num_stages(num_stages, n)
+    heads = list(head_costs) if head_costs is not None else [0.0] * n
+    prefix = [0.0]
+    for c in unit_costs:
+        prefix.append(prefix[-1] + float(c))
+
+    # best[k][i]: minimal max-stage cost of units 0..i-1 in k stages (not the last stage).
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        last = k == num_stages
+        for i in range(k, n + 1):
+            if last and i != n:
+                continue
+            for j in range(k - 1, i):  # stage k holds units j..i-1
+                cost = prefix[i] - prefix[j] + (0.0 if last else heads[i - 1])
+                value = max(best[k - 1][j], cost)
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds, i = [], n
+    for k in range(num_stages, 0, -1):
+        j = cut[k][i]
+        bounds.append(i - j)
+        i = j
+    return tuple(reversed(bounds))
+
+
+def flops(fn: Callable[..., Any], *args: Any) -> float:
+    """XLA's FLOP estimate of fn(*args); args may be jax.ShapeDtypeStruct (nothing runs).
+
+    Uses the cost analysis of the lowered (unoptimised) HLO, which needs no compilation,
+    falling back to the compiled executable's. In jax 0.10 both return a dict.
+    """
+    lowered = jax.jit(fn).lower(*args)
+    cost = _flops_of(lowered.cost_analysis())
+    if cost is None:
+        cost = _flops_of(lowered.compile().cost_analysis())
+    return cost or 0.0
+
+
+def _flops_of(analysis: Any) -> float | None:
+    if isinstance(analysis, list | tuple):  # Older jax: one dict per computation.
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        return None
+    value = analysis.get("flops")
+    return None if value is None else float(value)

@@ -1,0 +1,322 @@
+"""A GPT-style decoder-only Transformer LM, cut into K stages of equal numbers of blocks.
+
+Pre-LayerNorm blocks: h += attn(LN(h)); h += mlp(LN(h)), with causal multi-head
+self-attention and a GELU MLP; learned absolute or rotary positions.
+
+Parameter layout (every stage, and the unsplit `TransformerLM`, use these names):
+
+  "embed":      {"tokens": {"embedding": VxD}, "positions": {"embedding": LxD}}
+                (stage 0 only; "positions" only with learned positions)
+  "blocks":     the stage's blocks, every leaf stacked on a leading axis of length
+                num_layers / K (one `nn.scan` over `Block`). Its pytree structure is
+                identical in every stage, so the K stages' "blocks" stack to K x (L/K) x ...
+                for pipelining, and concatenate to the unsplit model's L x ...
+  "final_norm": {"scale", "bias"}  (stage K-1 only)
+  "unembed":    {"kernel": DxV}    (stage K-1 only; absent with tied embeddings)
+
+`unsplit_variables` merges staged variables into the unsplit layout.
+
+Tied embeddings: with `tie_embeddings=True` the logits are h @ embedding.T. Under the
+stage contract each stage owns its parameters, so the last stage cannot read stage 0's
+embedding: tying is only allowed for K = 1 (ValueError otherwise). Aux heads (LayerNorm +
+unembedding DxV) are never tied, for the same reason: each head has its own unembedding,
+initialised independently. (An "initialised equal" copy would stop being tied after
+the first update, so we do not pretend to offer it.)
+
+Compute dtype `dtype` (float32 or bfloat16); parameters `param_dtype` (float32);
+attention softmax and LayerNorm statistics are computed in at least float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ilbp.losses import next_token_loss
+from ilbp.models.splitting import check_num_stages
+from ilbp.stage import LossFn, StagedModel, from_linen
+
+_INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of a decoder-only Transformer LM.
+
+    Attributes:
+      vocab_size: V.
+      max_len: L, the longest sequence the model accepts (size of the learned position
+        table; for rotary positions, the longest context it is meant for).
+      num_layers: number of blocks.
+      d_model: D.
+      num_heads: H; D must be divisible by H (head dim D/H, even for rotary).
+      d_ff: MLP hidden width F (default 4D).
+      positions: "learned" or "rotary".
+      tie_embeddings: logits use the token embedding transposed (K = 1 only).
+      rope_base: rotary frequency base.
+      dtype: compute dtype; param_dtype: parameter dtype.
+    """
+
+    vocab_size: int
+    max_len: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_ff: int | None = None
+    positions: Literal["learned", "rotary"] = "learned"
+    tie_embeddings: bool = False
+    rope_base: float = 10_000.0
+    ln_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.positions not in ("learned", "rotary"):
+            raise ValueError(f"Unknown positions {self.positions!r}; choose 'learned' or 'rotary'.")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"Rotary positions need an even head dim; got {self.head_dim}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def num_params(self, num_stages: int = 1) -> int:
+        """Closed-form parameter count of the model with K - 1 aux heads (none if K = 1)."""
+        V, L, D, F = self.vocab_size, self.max_len, self.d_model, self.ff_dim
+        embed = V * D + (L * D if self.positions == "learned" else 0)
+        # 2 LayerNorms (2D each), q/k/v/out projections with biases, MLP with biases.
+        block = 4 * D + 4 * (D * D + D) + (D * F + F) + (F * D + D)
+        final = 2 * D + (0 if self.tie_embeddings else D * V)
+        aux_head = 2 * D + D * V
+        return embed + self.num_layers * block + final + (num_stages - 1) * aux_head
+
+
+def _dense(
+    c: TransformerConfig, features, name: str, std: float = _INIT_STD, axis=-1, bias=True
+) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features,
+        axis=axis,
+        use_bias=bias,
+        kernel_init=nn.initializers.normal(std),
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        name=name,
+    )
+
+
+def _layer_norm(c: TransformerConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=c.ln_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+
+
+def _rotary(x_BxTxHxK: jax.Array, base: float) -> jax.Array:
+    """Rotates pairs (x_i, x_{i+K/2}) by angle t * base^(-2i/K) at position t."""
+    T, K = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
+    freq_K2 = base ** (-jnp.arange(0, K // 2, dtype=jnp.float32) * 2 / K)
+    angle_TxK2 = jnp.arange(T, dtype=jnp.float32)[:, None] * freq_K2[None, :]
+    cos, sin = jnp.cos(angle_TxK2)[:, None, :], jnp.sin(angle_TxK2)[:, None, :]
+    x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxK.dtype)
+
+
+class Block(nn.Module):
+    """One pre-LN Transformer block; (h_BxTxD, None) -> (h_BxTxD, None) for `nn.scan`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        c = self.config
+        T = h_BxTxD.shape[1]
+        H, K = c.num_heads, c.head_dim
+        out_std = _INIT_STD / (2 * c.num_layers) ** 0.5  # GPT-2's residual scaling.
+
+        x_BxTxD = _layer_norm(c, "attn_norm")(h_BxTxD)
+        q_BxTxHxK = _dense(c, (H, K), "query")(x_BxTxD)
+        k_BxTxHxK = _dense(c, (H, K), "key")(x_BxTxD)
+        v_BxTxHxK = _dense(c, (H, K), "value")(x_BxTxD)
+        if c.positions == "rotary":
+            q_BxTxHxK = _rotary(q_BxTxHxK, c.rope_base)
+            k_BxTxHxK = _rotary(k_BxTxHxK, c.rope_base)
+        logits_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / K**0.5
+        # Softmax in ≥ float32 even with bfloat16 compute.
+        logits_BxHxTxT = logits_BxHxTxT.astype(jnp.promote_types(c.dtype, jnp.float32))
+        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+        logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(logits_BxHxTxT.dtype).min)
+        probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v_BxTxHxK.dtype)
+        o_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxK)
+        h_BxTxD = h_BxTxD + _dense(c, c.d_model, "out", out_std, axis=(-2, -1))(o_BxTxHxK)
+
+        x_BxTxD = _layer_norm(c, "mlp_norm")(h_BxTxD)
+        x_BxTxF = nn.gelu(_dense(c, c.ff_dim, "mlp_in")(x_BxTxD))
+        h_BxTxD = h_BxTxD + _dense(c, c.d_model, "mlp_out", out_std)(x_BxTxF)
+        return h_BxTxD, None
+
+
+class TransformerStage(nn.Module):
+    """Blocks [first_block, first_block + num_blocks) of the LM, with the embedding if
+    `embed` and the final norm and unembedding if `unembed`.
+
+    Input: tokens_BxT int32 if `embed`, else h_BxTxD. Output: logits_BxTxV if `unembed`,
+    else h_BxTxD. Raises ValueError if T > max_len or integer tokens are missing.
+    """
+
+    config: TransformerConfig
+    num_blocks: int
+    embed: bool = True
+    unembed: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # No dropout: training and evaluation forwards are the same.
+        c = self.config
+        if x.ndim < 2 or x.shape[1] > c.max_len:
+            raise ValueError(
+                f"Sequence length {x.shape[1] if x.ndim >= 2 else '?'} (input shape "
+                f"{x.shape}) exceeds the model's max_len={c.max_len}, or the input is not "
+                "BxT tokens / BxTxD activations."
+            )
+        embedder = None
+        if self.embed:
+            if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(
+                    f"The first stage takes integer tokens BxT; got {x.dtype} {x.shape}."
+                )
+            embedder = _Embed(c, name="embed")
+            h_BxTxD = embedder(x)
+        else:
+            h_BxTxD = x.astype(c.dtype)
+        if self.num_blocks:
+            blocks = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.num_blocks,
+            )(c, name="blocks")
+            h_BxTxD, _ = blocks(h_BxTxD, None)
+        if not self.unembed:
+            return h_BxTxD
+        h_BxTxD = _layer_norm(c, "final_norm")(h_BxTxD)
+        if c.tie_embeddings:
+            if embedder is None:
+                raise ValueError("tie_embeddings needs the embedding in the last stage (K = 1).")
+            return embedder.attend(h_BxTxD)
+        return _dense(c, c.vocab_size, "unembed", bias=False)(h_BxTxD)
+
+
+class _Embed(nn.Module):
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(_INIT_STD)
+        self.tokens = nn.Embed(
+            c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init
+        )
+        if c.positions == "learned":
+            self.positions = nn.Embed(
+                c.max_len, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init
+            )
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        h_BxTxD = self.tokens(tokens_BxT)
+        if self.config.positions == "learned":
+            h_BxTxD = h_BxTxD + self.positions(jnp.arange(tokens_BxT.shape[1]))[None]
+        return h_BxTxD
+
+    def attend(self, h_BxTxD: jax.Array) -> jax.Array:
+        return self.tokens.attend(h_BxTxD)
+
+
+def TransformerLM(config: TransformerConfig) -> TransformerStage:
+    """The unsplit model: tokens_BxT -> logits_BxTxV, every block in one scan."""
+    return TransformerStage(config, config.num_layers, embed=True, unembed=True)
+
+
+class LMHead(nn.Module):
+    """Auxiliary head h_BxTxD -> logits_BxTxV: LayerNorm + its own (untied) unembedding."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        c = self.config
+        h_BxTxD = _layer_norm(c, "norm")(h_BxTxD.astype(c.dtype))
+        return _dense(c, c.vocab_size, "unembed", bias=False)(h_BxTxD)
+
+
+def transformer_lm(
+    config: TransformerConfig,
+    num_stages: int = 1,
+    *,
+    loss: LossFn | None = None,
+    aux_loss: LossFn | None = None,
+    input_key: str = "inputs",
+) -> StagedModel:
+    """The LM cut into K stages of num_layers / K blocks each (module docstring).
+
+    Input: batch[input_key] tokens_BxT int32; output logits_BxTxV; aux head k (LayerNorm
+    + unembedding) gives logits_BxTxV from stage k's output. Loss defaults to
+    `next_token_loss()` on batch["targets"].
+    """
+    L = config.num_layers
+    check_num_stages(num_stages, L, "Transformer blocks")
+    if L % num_stages:
+        raise ValueError(
+            f"num_layers={L} is not divisible by num_stages={num_stages}; stages must hold "
+            "equal numbers of blocks (so their parameters can be stacked)."
+        )
+    if config.tie_embeddings and num_stages > 1:
+        raise ValueError(
+            "tie_embeddings=True needs num_stages=1: the last stage cannot share stage 0's "
+            "embedding, since every stage owns its parameters. Use tie_embeddings=False."
+        )
+    n = L // num_stages
+    stages, heads = [], []
+    for k in range(num_stages):
+        first, last = k == 0, k == num_stages - 1
+        module = TransformerStage(config, n, embed=first, unembed=last)
+        stages.append(from_linen(module, f"blocks {k * n}..{(k + 1) * n - 1}"))
+        if not last:
+            heads.append(from_linen(LMHead(config), f"lm head after block {(k + 1) * n - 1}"))
+    return StagedModel(
+        tuple(stages),
+        tuple(heads),
+        loss or next_token_loss(),
+        aux_loss=aux_loss,
+        input_key=input_key,
+    )
+
+
+def unsplit_variables(stage_variables: Sequence[dict]) -> dict:
+    """Merges per-stage variables (e.g. `[p["stage"] for p in params]`) into the unsplit
+    model's: top-level entries are disjoint, except "blocks", whose leaves concatenate
+    along axis 0 in stage order. Works for ResNet stages too (they have no "blocks")."""
+    merged: dict = {}
+    blocks = []
+    for variables in stage_variables:
+        for key, value in variables.items():
+            if key == "blocks":
+                blocks.append(value)
+            elif key in merged:
+                raise ValueError(f"Variable {key!r} appears in two stages.")
+            else:
+                merged[key] = value
+    if blocks:
+        merged["blocks"] = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks)
+    return merged
