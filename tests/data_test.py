@@ -369,6 +369,75 @@ def test_tfds_mock_cifar10_and_lm1b():
     assert "tensorflow" not in sys.modules  # data_source path works without TensorFlow
 
 
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+    """Two tiny TFDS datasets prepared offline as array_record (no TensorFlow needed:
+    Tensor and Text features encode without it; the Image feature would not)."""
+    import tensorflow_datasets as tfds
+
+    class _Tiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(10), "test": self._generate_examples(4)}
+
+    class IlbpTinyImages(_Tiny):
+        def _info(self):
+            features = {
+                "image": tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"image": np.full((8, 8, 3), 10 * i, np.uint8), "label": i % 3}
+
+    class IlbpTinyText(_Tiny):
+        def _info(self):
+            features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"text": f"sentence {i} é"}
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config = tfds.download.DownloadConfig(try_download_gcs=False)
+    for cls in (IlbpTinyImages, IlbpTinyText):
+        # A one-part module name keeps TFDS's code_path lookup off the optional
+        # importlib_resources package (needed for namespace packages such as tests/).
+        cls.__module__ = "ilbp_data_test"
+        cls(data_dir=data_dir, file_format="array_record").download_and_prepare(
+            download_config=config
+        )
+    return data_dir
+
+
+def test_tfds_real_array_record(tiny_tfds_dir):
+    """The unmocked tfds data_source path: prepared files, decoded without TensorFlow."""
+    images = data.make_split("ilbp_tiny_images", "test", data_dir=tiny_tfds_dir)
+    assert len(images) == 4 and images.info.num_classes == 3
+    assert images.info.example_shape == (8, 8, 3)
+    labels = sorted(int(images[i]["label"]) for i in range(4))
+    assert labels == [0, 0, 1, 2]
+    ex = images[0]
+    value = (ex["inputs"][0, 0, 0] * 0.5 + 0.5) * 255  # constant image 10*i; stats 0.5/0.5
+    assert ex["inputs"].dtype == np.float32 and abs(value - round(value)) < 1e-3
+    assert round(value) % 10 == 0
+    batch = next(data.batches(images, 4, seed=0, augment="flip", shard_by_process=False))
+    assert batch["inputs"].shape == (4, 8, 8, 3)
+
+    text = data.make_split("tfds:ilbp_tiny_text", "train", seq_len=20, data_dir=tiny_tfds_dir)
+    assert len(text) == 10
+    ex = text[0]
+    sentence = bytes(ex["targets"][ex["weights"] > 0].astype(np.uint8)).decode()
+    assert sentence.startswith("sentence ") and sentence.endswith(" é")
+    assert "tensorflow" not in sys.modules
+
+
 def test_tfds_not_prepared_fails_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(data.DataMissingError, match="tfds build cifar10") as err:
