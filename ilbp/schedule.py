@@ -300,7 +300,9 @@ def list_schedule(ops: Sequence[Op], num_devices: int, priority: str = "sends_fi
                 op = min(cands, key=lambda o: _priority_key(o, priority))
                 pending[dev].remove(op)
                 t_ready, dep = ready_at[id(op)]
-                op.start, op.end = now, now + op.cost
+                # Exact times: `now` may trail an input's end by rounding (_EPS).
+                op.start = max(now, t_ready, free_at[dev])
+                op.end = op.start + op.cost
                 # It waited for its device if the device freed after the inputs arrived.
                 prev_op = last_on[dev]
                 device_bound = prev_op is not None and prev_op.end > t_ready + _EPS
@@ -333,8 +335,9 @@ class Schedule:
         sorted by start time.
       period: steady-state time per step: the mean gap between the completions of the
         later half of the steps.
-      busy: per device, its work per step divided by the period (steady-state busy
-        fraction; 1 - busy is its bubble).
+      busy: per device, its work per step (mean over the later half) over the period:
+        its busy fraction when paced at the pipeline's rate; 1 - busy is its bubble.
+        In a transient (too few steps) it can exceed 1.
       in_flight: per device, the peak number of microbatches whose forward residuals it
         holds: from the start of F(t, m, k) to the end of stage k's last VJP for (t, m).
     """
@@ -430,20 +433,22 @@ def simulate(
     list_schedule(ops, K, priority)
     ops.sort(key=lambda o: (o.start, o.stage, o.end))
 
-    done = [0.0] * T
+    done = [0.0] * T  # when step t's last op ended
     for o in ops:
         done[o.step] = max(done[o.step], o.end)
-    first = (T - 1) // 2  # steady state: steps after `first`
+    first = (T - 1) // 2  # steady state: the steps after `first`
     if T == 1:
         period = done[0]
     else:
         period = (done[T - 1] - done[first]) / (T - 1 - first)
+    # Busy: a device's work per steady step over the period. (A device faster than the
+    # pipeline, e.g. under local learning, could run ahead in the model; any executor
+    # with bounded buffers paces it at the period.)
     work = [0.0] * K
     for o in ops:
         if o.step > first or T == 1:
             work[o.stage] += o.cost
-    n_steps = max(T - 1 - first, 1)
-    busy = tuple(w / n_steps / period if period > 0 else 0.0 for w in work)
+    busy = tuple(w / max(T - 1 - first, 1) / period if period > 0 else 0.0 for w in work)
     return Schedule(strategy, K, M, T, ops, period, busy, _in_flight(ops, K))
 
 
