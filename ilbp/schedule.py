@@ -1,329 +1,44 @@
-"""Schedule model: op timeline, step period and device utilisation of a strategy.
+"""Schedule model: op timeline, step period, utilisation and memory of a strategy.
 
-Pure Python (no JAX), DESIGN.md §3. For K stages (one per device), M microbatches per
-step and T steps, it builds the dependency graph of the ops an executor issues, then
-list-schedules it: every device runs one op at a time and starts, whenever it is idle, the
-highest-priority op whose inputs are ready (earliest-start semantics: a device never idles
-while some op of its own is ready).
+Pure Python (no JAX), DESIGN.md §3. `simulate(strategy, K, M, T, costs)` builds the op
+graph of T steps of M microbatches on K stages from `Strategy.plan(K)` and list-schedules
+it (ops, dependencies and priorities: `ilbp.schedule_graph`). The `Schedule` it returns
+has the timeline, the steady-state step period, each device's busy fraction, the critical
+path of a step and each stage's peak number of microbatches held in flight.
+`throughput_table` and `render_table` predict each strategy's throughput relative to
+global backprop for several K and M.
 
-Ops per (step t, microbatch m, stage k), all on device k:
-
-  F     forward of stage k. Needs F(t, m, k-1) and U(t-1, k): the forward for step t uses
-        θ_k after its update for step t-1, so pipelining adds no staleness.
-  A     aux head forward + backward (k < K-1); yields ∂L_k/∂h_k. Needs F. The final
-        head's loss is folded into the last stage's F.
-  V_j   input VJP for loss j ∈ plan[k].sends: ∂L_j/∂h_{k-1}, sent to stage k-1. Needs
-        the cotangent ∂L_j/∂h_k (A if j == k, F if j == K-1 == k, else V_j at stage k+1).
-  W     parameter VJP: needs every cotangent in plan[k].train_on. When
-        plan[k].shared_cotangent is s, W reuses V_s's intermediates: it runs after V_s and
-        costs `param_vjp_shared` (≈ F) instead of `param_vjp` (≈ 2F).
-  B     fused_backward=True only: V_s and W as one op (cost V + W_shared ≈ 2F), as the
-        reference implementation does; the cotangent it sends exists only when it ends.
-  U     optimizer update of θ_k and φ_k after all M microbatches' W and A of step t.
-
-Priority on a device (`priority="sends_first"`, the default): the oldest step first (an
-old step's work gates the next step's forwards through U); within a step, ops that produce
-a cotangent (A, V) first, because stage k-1 waits on them and, under interlocking, its
-update does too; then forwards, because stage k+1 waits on them; then W/B, on which only
-this stage's update waits; ties by microbatch, then the farthest loss first (its chain has
-the longest way to go). A cap on the microbatches a stage holds (`max_in_flight`, default
-min(n, K - k) for stage k: what its window needs, and 1F1B's K - k for global) makes a
-forward wait until the backward ops of the microbatch `cap` places earlier are done.
-`priority="gpipe"` is a GPipe flush instead: all M forwards of a step run before any
-backward op of that step on a stage (a barrier dependency), no cap.
-
-`eager_sends=True` is ilbp's order: a stage sends each cotangent as soon as it exists.
-`eager_sends=False` models the reference implementation: a stage's backward ops for
-(t, m) wait for its whole incoming cotangent list, which chains the wait down to stage K-1.
+With equal stages, free aux heads and free transfers it reproduces DESIGN.md §3 exactly:
+split-backward global (2K + 1)F per step, fused 3K·F; local 3F; pairwise 5F whatever K;
+n-wise (2n + 1)F (its critical path grows with n, not K); GPipe-style global (fused
+backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-from ilbp.strategy import Plan, Strategy
+from ilbp.schedule_graph import (
+    PRIORITIES,
+    CostModel,
+    Op,
+    Priority,
+    build_graph,
+    list_schedule,
+)
+from ilbp.strategy import Strategy
 
-Priority = Literal["sends_first", "gpipe"]
-PRIORITIES: tuple[str, ...] = ("sends_first", "gpipe")
-_EPS = 1e-9
-
-PerStage = float | Sequence[float]
-
-
-def _per_stage(value: PerStage, k: int) -> float:
-    return float(value) if isinstance(value, int | float) else float(value[k])
-
-
-@dataclasses.dataclass(frozen=True)
-class CostModel:
-    """Per-op costs; each field is one number for all stages or a per-stage sequence.
-
-    Defaults are DESIGN.md §3's units: forward F = 1, input VJP V = F, parameter VJP
-    W = 2F alone and F when it reuses V's intermediates, free aux heads, updates and
-    transfers. `transfer` is a latency on every cross-device edge (activations right,
-    cotangents left); it occupies no device (asynchronous send).
-    """
-
-    forward: PerStage = 1.0
-    aux: PerStage = 0.0
-    input_vjp: PerStage = 1.0
-    param_vjp: PerStage = 2.0
-    param_vjp_shared: PerStage = 1.0
-    update: PerStage = 0.0
-    transfer: float = 0.0
-
-    @classmethod
-    def from_measured(
-        cls,
-        forward: Sequence[float],
-        input_vjp: Sequence[float],
-        param_vjp: Sequence[float],
-        *,
-        fused_vjp: Sequence[float] | None = None,
-        aux: PerStage = 0.0,
-        update: PerStage = 0.0,
-        transfer: float = 0.0,
-    ) -> CostModel:
-        """Costs from measured per-stage op times (e.g. seconds of jitted calls).
-
-        `fused_vjp[k]` is the time of one VJP giving both parameter and input gradients;
-        W_shared is what it adds to the input VJP. Without it, W_shared is estimated as
-        param_vjp - input_vjp (a parameter VJP alone also pulls input gradients through
-        the stage's inner layers, so V's share is already inside it).
-        """
-        n = len(forward)
-        if not (len(input_vjp) == len(param_vjp) == n) or n == 0:
-            raise ValueError("forward, input_vjp and param_vjp need one entry per stage.")
-        if fused_vjp is None:
-            shared = [max(w - v, 0.0) for v, w in zip(input_vjp, param_vjp)]
-        else:
-            if len(fused_vjp) != n:
-                raise ValueError("fused_vjp needs one entry per stage.")
-            shared = [max(b - v, 0.0) for v, b in zip(input_vjp, fused_vjp)]
-        return cls(
-            forward=tuple(forward),
-            aux=aux,
-            input_vjp=tuple(input_vjp),
-            param_vjp=tuple(param_vjp),
-            param_vjp_shared=tuple(shared),
-            update=update,
-            transfer=transfer,
-        )
-
-    def of(self, kind: str, k: int) -> float:
-        """Cost of op `kind` ("F", "A", "V", "W", "Ws", "B", "U") on stage k."""
-        if kind == "B":
-            return self.of("V", k) + self.of("Ws", k)
-        field = {
-            "F": self.forward,
-            "A": self.aux,
-            "V": self.input_vjp,
-            "W": self.param_vjp,
-            "Ws": self.param_vjp_shared,
-            "U": self.update,
-        }[kind]
-        return _per_stage(field, k)
-
-
-@dataclasses.dataclass(eq=False)
-class Op:
-    """One op of the graph; `deps` are (op, latency) pairs. Filled in by `simulate`."""
-
-    kind: str
-    stage: int
-    step: int
-    microbatch: int  # -1 for U
-    loss: int | None  # the loss j of a V/B op
-    cost: float
-    deps: list[tuple[Op, float]] = dataclasses.field(default_factory=list)
-    start: float = -1.0
-    end: float = -1.0
-    binding: Op | None = None  # what its start waited for last (input or device)
-
-    @property
-    def name(self) -> str:
-        j = "" if self.loss is None else f"[{self.loss}]"
-        m = "" if self.microbatch < 0 else f",m{self.microbatch}"
-        return f"{self.kind}{j}(t{self.step}{m},k{self.stage})"
-
-    def __repr__(self) -> str:
-        return f"{self.name}@[{self.start:g},{self.end:g}]"
-
-
-def build_graph(
-    plan: Plan,
-    microbatches: int,
-    steps: int,
-    costs: CostModel,
-    *,
-    fused_backward: bool = False,
-    gpipe: bool = False,
-    eager_sends: bool = True,
-    max_in_flight: Sequence[int] | None = None,
-) -> list[Op]:
-    """The op DAG of `steps` steps of M microbatches under `plan` (module docstring)."""
-    K, M, tr = len(plan), microbatches, costs.transfer
-    ops: list[Op] = []
-
-    def new(kind, k, t, m, cost, loss=None) -> Op:
-        op = Op(kind, k, t, m, loss, cost)
-        ops.append(op)
-        return op
-
-    updates: list[Op | None] = [None] * K
-    for t in range(steps):
-        fwd = [[new("F", k, t, m, costs.of("F", k)) for k in range(K)] for m in range(M)]
-        step_ops: list[list[Op]] = [[] for _ in range(K)]  # what U(t, k) waits for
-        backward: list[list[Op]] = [[] for _ in range(K)]  # for the GPipe barrier
-        mb_backward: list[list[Op]] = [[] for _ in range(K)]
-        for m in range(M):
-            for k in range(K):
-                f = fwd[m][k]
-                if k > 0:
-                    f.deps.append((fwd[m][k - 1], tr))
-                if updates[k] is not None:
-                    f.deps.append((updates[k], 0.0))
-            sent: list[dict[int, Op]] = [{} for _ in range(K)]  # V_j ops of stage k
-            for k in reversed(range(K)):
-                sp = plan[k]
-                # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
-                own = fwd[m][k]  # the last stage's loss is part of its forward
-                if k < K - 1:
-                    a = new("A", k, t, m, costs.of("A", k))
-                    a.deps.append((fwd[m][k], 0.0))
-                    step_ops[k].append(a)
-                    own = a
-                cot = {k: (own, 0.0)}
-                if k < K - 1:
-                    cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
-                full_list = list(cot.values())
-
-                def inputs(js, cot=cot, full_list=full_list):
-                    return list(full_list) if not eager_sends else [cot[j] for j in js]
-
-                shared = sp.shared_cotangent
-                for j in sp.sends:
-                    if j == shared and fused_backward:
-                        continue
-                    v = new("V", k, t, m, costs.of("V", k), loss=j)
-                    v.deps += inputs([j])
-                    sent[k][j] = v
-                    backward[k].append(v)
-                    mb_backward[k].append(v)
-                train_js = [j for j, _ in sp.train_on]
-                if shared is not None and fused_backward:
-                    w = new("B", k, t, m, costs.of("B", k), loss=shared)
-                    w.deps += inputs(train_js)
-                    sent[k][shared] = w
-                elif shared is not None:
-                    w = new("W", k, t, m, costs.of("Ws", k))
-                    w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
-                else:
-                    w = new("W", k, t, m, costs.of("W", k))
-                    w.deps += inputs(train_js)
-                step_ops[k].append(w)
-                backward[k].append(w)
-                mb_backward[k].append(w)
-        for k in range(K):
-            if max_in_flight is not None:
-                cap = max_in_flight[k]
-                for m in range(cap, M):
-                    done_ops = [o for o in mb_backward[k] if o.microbatch == m - cap]
-                    fwd[m][k].deps += [(o, 0.0) for o in done_ops]
-            if gpipe:  # GPipe flush: every forward of the step before any backward op
-                for b in backward[k]:
-                    b.deps.append((fwd[M - 1][k], 0.0))
-            u = new("U", k, t, -1, costs.of("U", k))
-            u.deps += [(op, 0.0) for op in step_ops[k]]
-            updates[k] = u
-    return ops
-
-
-_RANK = {
-    # kind → rank within a step; lower runs first among ready ops.
-    "sends_first": {"U": 0, "A": 1, "V": 1, "F": 2, "B": 3, "W": 3},
-    "gpipe": {"U": 0, "F": 1, "A": 2, "V": 2, "B": 3, "W": 3},
-}
-
-
-def _priority_key(op: Op, priority: str) -> tuple:
-    return (op.step, _RANK[priority][op.kind], op.microbatch, -(op.loss or 0))
-
-
-def list_schedule(ops: Sequence[Op], num_devices: int, priority: str = "sends_first") -> None:
-    """Sets start/end/binding of every op: non-preemptive list scheduling, one op at a
-    time per device, earliest start, ties broken by `priority` (see module docstring)."""
-    if priority not in _RANK:
-        raise ValueError(f"Unknown priority {priority!r}; choose one of {PRIORITIES}.")
-    users: dict[int, list[tuple[Op, float]]] = {id(op): [] for op in ops}
-    missing: dict[int, int] = {}
-    for op in ops:
-        missing[id(op)] = len(op.deps)
-        for d, lat in op.deps:
-            users[id(d)].append((op, lat))
-    ready_at: dict[int, tuple[float, Op | None]] = {}  # op → (time, dep that set it)
-    pending: list[list[Op]] = [[] for _ in range(num_devices)]  # inputs done, not started
-    for op in ops:
-        if not op.deps:
-            ready_at[id(op)] = (0.0, None)
-            pending[op.stage].append(op)
-    free_at = [0.0] * num_devices
-    last_on: list[Op | None] = [None] * num_devices
-    running: list[tuple[float, int, Op]] = []  # heap of (end, seq, op)
-    seq, done, now = 0, 0, 0.0
-    while done < len(ops):
-        # Start what can start now; zero-cost ops may make more ready at the same time.
-        progress = True
-        while progress:
-            progress = False
-            while running and running[0][0] <= now + _EPS:
-                _, _, op = heapq.heappop(running)
-                done += 1
-                for u, lat in users[id(op)]:
-                    t_ready = op.end + lat
-                    prev = ready_at.get(id(u))
-                    if prev is None or t_ready > prev[0]:
-                        ready_at[id(u)] = (t_ready, op)
-                    missing[id(u)] -= 1
-                    if missing[id(u)] == 0:
-                        pending[u.stage].append(u)
-                progress = True
-            for dev in range(num_devices):
-                if free_at[dev] > now + _EPS:
-                    continue
-                cands = [o for o in pending[dev] if ready_at[id(o)][0] <= now + _EPS]
-                if not cands:
-                    continue
-                op = min(cands, key=lambda o: _priority_key(o, priority))
-                pending[dev].remove(op)
-                t_ready, dep = ready_at[id(op)]
-                # Exact times: `now` may trail an input's end by rounding (_EPS).
-                op.start = max(now, t_ready, free_at[dev])
-                op.end = op.start + op.cost
-                # It waited for its device if the device freed after the inputs arrived.
-                prev_op = last_on[dev]
-                device_bound = prev_op is not None and prev_op.end > t_ready + _EPS
-                op.binding = prev_op if device_bound else dep
-                free_at[dev], last_on[dev] = op.end, op
-                heapq.heappush(running, (op.end, seq, op))
-                seq += 1
-                progress = True
-        if done == len(ops):
-            break
-        upcoming = [e for e, _, _ in running[:1]]
-        upcoming += [
-            ready_at[id(o)][0]
-            for dev in range(num_devices)
-            if free_at[dev] <= now + _EPS
-            for o in pending[dev]
-        ]
-        upcoming = [x for x in upcoming if x > now + _EPS]
-        if not upcoming:
-            raise RuntimeError("Schedule deadlocked: the op graph has a cycle.")
-        now = min(upcoming)
+__all__ = [
+    "CostModel",
+    "Op",
+    "Prediction",
+    "Schedule",
+    "render_table",
+    "simulate",
+    "throughput_table",
+]
 
 
 @dataclasses.dataclass
@@ -414,7 +129,7 @@ def simulate(
             raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}.")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1; got {steps!r}.")
-    if priority not in _RANK:
+    if priority not in PRIORITIES:
         raise ValueError(f"Unknown priority {priority!r}; choose one of {PRIORITIES}.")
     costs = CostModel() if costs is None else costs
     _check_costs(costs, num_stages)
@@ -497,3 +212,93 @@ def _in_flight(ops: Sequence[Op], K: int) -> tuple[int, ...]:
             count += delta
             peak[k] = max(peak[k], count)
     return tuple(peak)
+
+
+DEFAULT_STRATEGIES: tuple[str, ...] = ("global", "local", "pairwise", "3wise")
+DEFAULT_STAGE_COUNTS: tuple[int, ...] = (4, 8, 16, 32)
+DEFAULT_MICROBATCH_COUNTS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One (strategy, K, M) cell of the table.
+
+    Attributes:
+      period: steady-state time per step (in the cost model's unit, F by default).
+      busy_mean, busy_min: mean and lowest per-device busy fraction.
+      in_flight: the most microbatches' residuals any stage holds at once.
+      speedup: throughput relative to the baseline (global) at the same K and M.
+    """
+
+    strategy: str
+    num_stages: int
+    microbatches: int
+    period: float
+    busy_mean: float
+    busy_min: float
+    in_flight: int
+    speedup: float
+
+
+def throughput_table(
+    strategies: Sequence[str | Strategy] = DEFAULT_STRATEGIES,
+    stage_counts: Sequence[int] = DEFAULT_STAGE_COUNTS,
+    microbatch_counts: Sequence[int] = DEFAULT_MICROBATCH_COUNTS,
+    costs: CostModel | None = None,
+    *,
+    baseline: str | Strategy = "global",
+    baseline_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> list[Prediction]:
+    """Simulates every strategy for every K and M; speedups are vs `baseline`.
+
+    `options` go to `simulate` for every strategy (e.g. fused_backward, priority,
+    max_in_flight, steps); the baseline runs with `baseline_options` if given, else the
+    same options. The default baseline is split-backward global under the same schedule.
+    """
+    rows = []
+    base_options = dict(options if baseline_options is None else baseline_options)
+    for K in stage_counts:
+        for M in microbatch_counts:
+            base = simulate(baseline, K, M, costs=costs, **base_options)
+            for spec in strategies:
+                s = simulate(spec, K, M, costs=costs, **options)
+                rows.append(
+                    Prediction(
+                        strategy=s.strategy.name,
+                        num_stages=K,
+                        microbatches=M,
+                        period=s.period,
+                        busy_mean=sum(s.busy) / K,
+                        busy_min=min(s.busy),
+                        in_flight=max(s.in_flight),
+                        speedup=base.period / s.period,
+                    )
+                )
+    return rows
+
+
+def render_table(rows: Sequence[Prediction]) -> str:
+    """A fixed-width text table of predictions, one line per row."""
+    header = ("strategy", "K", "M", "period", "period/M", "busy", "min busy", "held", "vs global")
+    lines = [header] + [
+        (
+            r.strategy,
+            str(r.num_stages),
+            str(r.microbatches),
+            f"{r.period:.4g}",
+            f"{r.period / r.microbatches:.3g}",
+            f"{r.busy_mean:.3f}",
+            f"{r.busy_min:.3f}",
+            str(r.in_flight),
+            f"{r.speedup:.3f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+    )
+    return "\n".join(
+        [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines[1:]]
+    )

@@ -5,8 +5,7 @@ import random
 
 import pytest
 
-from ilbp.schedule import CostModel, Op, simulate
-from ilbp.schedule_table import render_table, throughput_table
+from ilbp.schedule import CostModel, Op, render_table, simulate, throughput_table
 from ilbp.strategy import Strategy
 
 EPS = 1e-9
