@@ -7,14 +7,13 @@ Builders return an `ilbp.StagedModel`; the unsplit Linen modules (`ResNetUnits`,
 from ilbp.models.heads import ConvHead, parse_head
 from ilbp.models.resnet_stages import resnet, resnet_split, resnet_unit_flops
 from ilbp.models.resnets import ResNetConfig, ResNetUnits
-from ilbp.models.splitting import balance_split, parse_blocks_per_stage
+from ilbp.models.splitting import balance_split, parse_blocks_per_stage, unsplit_variables
 from ilbp.models.transformer import (
     LMHead,
     TransformerConfig,
     TransformerLM,
     TransformerStage,
     transformer_lm,
-    unsplit_variables,
 )
 
 __all__ = [

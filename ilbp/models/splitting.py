@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 REST = "rest"
 
@@ -128,3 +129,34 @@ def _flops_of(analysis: Any) -> float | None:
         return None
     value = analysis.get("flops")
     return None if value is None else float(value)
+
+
+def unsplit_variables(params: Sequence[dict], state: Sequence[dict] | None = None) -> dict:
+    """The Linen variables of the unsplit model from a staged model's (params, state).
+
+    `params`/`state` are K-tuples laid out as `StagedModel.init` returns them; aux heads
+    are dropped. Per collection, the stages' top-level entries are disjoint names (ResNet
+    units, Transformer "embed"/"final_norm"/"unembed") and are merged, except
+    "blocks", whose leaves are concatenated along axis 0 in stage order (Transformer
+    blocks stacked by `nn.scan`).
+    """
+    variables = {"params": _merge([p["stage"] for p in params])}
+    for collection in sorted({c for s in state or () for c in s["stage"]}):
+        variables[collection] = _merge([s["stage"].get(collection, {}) for s in state])
+    return variables
+
+
+def _merge(trees: Sequence[dict]) -> dict:
+    merged: dict = {}
+    blocks = []
+    for tree in trees:
+        for key, value in tree.items():
+            if key == "blocks":
+                blocks.append(value)
+            elif key in merged:
+                raise ValueError(f"Variable {key!r} appears in two stages.")
+            else:
+                merged[key] = value
+    if blocks:
+        merged["blocks"] = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks)
+    return merged

@@ -14,7 +14,7 @@ Parameter layout (every stage, and the unsplit `TransformerLM`, use these names)
   "final_norm": {"scale", "bias"}  (stage K-1 only)
   "unembed":    {"kernel": DxV}    (stage K-1 only; absent with tied embeddings)
 
-`unsplit_variables` merges staged variables into the unsplit layout.
+`ilbp.models.unsplit_variables` merges a staged model's variables into this layout.
 
 Tied embeddings: with `tie_embeddings=True` the logits are h @ embedding.T. Under the
 stage contract each stage owns its parameters, so the last stage cannot read stage 0's
@@ -30,7 +30,6 @@ attention softmax and LayerNorm statistics are computed in at least float32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -301,22 +300,3 @@ def transformer_lm(
         aux_loss=aux_loss,
         input_key=input_key,
     )
-
-
-def unsplit_variables(stage_variables: Sequence[dict]) -> dict:
-    """Merges per-stage variables (e.g. `[p["stage"] for p in params]`) into the unsplit
-    model's: top-level entries are disjoint, except "blocks", whose leaves concatenate
-    along axis 0 in stage order. Works for ResNet stages too (they have no "blocks")."""
-    merged: dict = {}
-    blocks = []
-    for variables in stage_variables:
-        for key, value in variables.items():
-            if key == "blocks":
-                blocks.append(value)
-            elif key in merged:
-                raise ValueError(f"Variable {key!r} appears in two stages.")
-            else:
-                merged[key] = value
-    if blocks:
-        merged["blocks"] = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *blocks)
-    return merged
