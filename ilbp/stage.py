@@ -95,40 +95,39 @@ def from_nnx(make: Callable[[nnx.Rngs], nnx.Module], name: str | None = None) ->
     """Wraps an NNX module factory `make(rngs) -> module` as a Stage (via split/merge).
 
     `params` is the module's `nnx.Param` state and `state` everything else (batch
-    statistics, RNG counters). `train` switches the module with `.train()`/`.eval()`;
-    the step's rng reseeds the module's RNG streams.
+    statistics, RNG counters), both as pure dicts of arrays so that they travel through
+    jit, optax and checkpoints like Linen variables. `train` switches the module with
+    `.train()`/`.eval()`; the step's rng reseeds the module's RNG streams.
     """
 
     def init(rng: jax.Array, x: jax.Array) -> tuple[Params, State]:
         del x  # NNX modules know their shapes at construction.
         _, params, state = nnx.split(make(nnx.Rngs(rng)), nnx.Param, ...)
-        return params, state
-
-    graphdef = None
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
 
     def apply(params, state, x, rng, train):
-        nonlocal graphdef
-        if graphdef is None:  # The graph definition is static: build it once, abstractly.
-            graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)[0]
-        module = nnx.merge(graphdef, params, state)
+        # A fresh abstract module per call: NNX variables must be created in the trace
+        # that mutates them (jit, vjp and vmap each trace anew).
+        graphdef, params_tmpl, state_tmpl = nnx.split(
+            nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...
+        )
+        nnx.replace_by_pure_dict(params_tmpl, params)
+        nnx.replace_by_pure_dict(state_tmpl, state)
+        module = nnx.merge(graphdef, params_tmpl, state_tmpl)
         if train:
             module.train()
-            if rng is not None and state:
+            if rng is not None:
                 _reseed(module, rng)
         else:
             module.eval()
         y = module(x)
-        return y, nnx.split(module, nnx.Param, ...)[2]
+        return y, nnx.to_pure_dict(nnx.split(module, nnx.Param, ...)[2])
 
     return Stage(init, apply, name or "nnx")
 
 
 def _reseed(module: nnx.Module, rng: jax.Array) -> None:
-    streams = {
-        path[-1]
-        for path, value in nnx.iter_graph(module)
-        if isinstance(value, nnx.RngStream) and path
-    }
+    streams = {v.tag for _, v in nnx.iter_graph(module) if isinstance(v, nnx.RngStream)}
     if streams:
         nnx.reseed(module, **{s: rng for s in streams})
 

@@ -173,8 +173,8 @@ def make_train_step(
             updates, opt = tx.update(grads[k], ts.opt_state[k], ts.params[k])
             params.append(optax.apply_updates(ts.params[k], updates))
             opt_state.append(opt)
-            metrics[f"grad_norm/{k}"] = optax.global_norm(grads[k]["stage"])
-            metrics[f"param_norm/{k}"] = optax.global_norm(params[k]["stage"])
+            metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
+            metrics[f"param_norm/{k}"] = optax.tree.norm(params[k]["stage"])
         new = TrainState(ts.step + 1, tuple(params), new_state, tuple(opt_state), ts.rng)
         return new, metrics
 

@@ -1,0 +1,98 @@
+"""float64 equivalences of the two engines on random heterogeneous stages (DESIGN.md §1–2).
+
+Run eagerly: every (K, n, rule) is a different program, and op-by-op execution of these
+tiny models is much cheaper than compiling each one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ilbp
+from tests import toy_models
+
+RULES = ("last", "sum", "mean")
+
+
+def assert_trees_close(a, b, rtol=1e-9, atol=1e-12, what=""):
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=what), a, b
+    )
+
+
+def setup(K: int, seed: int = 0):
+    model = toy_models.heterogeneous(K, jnp.float64)
+    batch = toy_models.batch(dtype=jnp.float64, seed=seed)
+    params, state = model.init(jax.random.key(seed), batch["inputs"])
+    return model, params, state, batch
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 5, 6])
+def test_spec_equals_routed_for_every_window_and_rule(K):
+    with jax.enable_x64(True):
+        model, params, state, batch = setup(K, seed=K)
+        rng = jax.random.key(1)
+        for n in range(1, K + 2):
+            for rule in RULES:
+                strategy = ilbp.Strategy.nwise(n, rule)
+                want = ilbp.spec_grads(model, strategy, params, state, batch, rng)
+                got = ilbp.routed_grads(model, strategy, params, state, batch, rng)
+                assert_trees_close(got, want, what=f"K={K} n={n} {rule}")
+
+
+@pytest.mark.parametrize("K", [2, 4, 6])
+def test_global_equals_backprop_through_the_unsplit_model(K):
+    with jax.enable_x64(True):
+        model, params, state, batch = setup(K)
+        rng = jax.random.key(2)
+
+        def unsplit_loss(stage_params):
+            h = batch["inputs"]
+            for k, stage in enumerate(model.stages):
+                h, _ = stage.apply(stage_params[k], state[k]["stage"], h, rng_of(k), True)
+            return model.loss(h, batch)[0]
+
+        rng_of = lambda k: ilbp.stage.stage_rngs(rng, k)[0]
+        want = jax.grad(unsplit_loss)([p["stage"] for p in params])
+        for strategy in [ilbp.Strategy.global_(), ilbp.Strategy(K), ilbp.Strategy(K + 1)]:
+            got, _, _ = ilbp.routed_grads(model, strategy, params, state, batch, rng)
+            assert_trees_close([g["stage"] for g in got], want, what=strategy.name)
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_window_one_is_local_learning(K):
+    """n = 1 ≡ each stage trained by its own head, its input gradient-stopped."""
+    with jax.enable_x64(True):
+        model, params, state, batch = setup(K)
+        rng = jax.random.key(3)
+        got, _, _ = ilbp.routed_grads(model, ilbp.Strategy.local(), params, state, batch, rng)
+        h = batch["inputs"]
+        for k, stage in enumerate(model.stages):
+            rng_stage, rng_head = ilbp.stage.stage_rngs(rng, k)
+
+            def own_loss(p, h=h, k=k, stage=stage, rng_stage=rng_stage, rng_head=rng_head):
+                out, _ = stage.apply(p["stage"], state[k]["stage"], h, rng_stage, True)
+                if k < K - 1:
+                    out, _ = model.heads[k].apply(p["head"], state[k]["head"], out, rng_head, True)
+                return model.head_loss(k)(out, batch)[0]
+
+            assert_trees_close(got[k], jax.grad(own_loss)(params[k]), what=f"stage {k}")
+            h, _ = stage.apply(params[k]["stage"], state[k]["stage"], h, rng_stage, True)
+
+
+def test_plans_for_windows_at_least_K_are_global():
+    for K in range(1, 7):
+        for rule in RULES:
+            assert ilbp.Strategy(K, rule).plan(K) == ilbp.Strategy(K + 3, rule).plan(K)
+        assert ilbp.Strategy(K).plan(K) == ilbp.Strategy.global_().plan(K)
+
+
+def test_routed_sends_only_what_earlier_stages_use():
+    K = 6
+    assert all(p.sends == () for p in ilbp.Strategy.local().plan(K).stages)
+    assert [p.sends for p in ilbp.Strategy.global_().plan(K)][1:] == [(K - 1,)] * (K - 1)
+    pairwise = ilbp.Strategy.pairwise().plan(K)
+    assert [len(p.input_vjps) for p in pairwise][1:-1] == [1] * (K - 2)
+    three = ilbp.Strategy.nwise(3).plan(K)
+    assert max(len(p.sends) for p in three) == 2
