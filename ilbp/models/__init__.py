@@ -1,7 +1,14 @@
 """Staged models: ResNets and GPT-style Transformer LMs with auxiliary heads.
 
-Builders return an `ilbp.StagedModel`; the unsplit Linen modules (`ResNetUnits`,
-`TransformerLM`) are the oracles that a staged model must agree with.
+Builders return an `ilbp.StagedModel`:
+
+    resnet(ResNetConfig.cifar(20), num_stages=4, aux_head="gbpl_fc", num_classes=10)
+    resnet(ResNetConfig.from_layout("64,3/128,4/256,6/512,3"), blocks_per_stage="2,1,1,rest")
+    transformer_lm(TransformerConfig(...), num_stages=4)
+
+The unsplit Linen modules `ResNetUnits(config, num_classes)` and `TransformerLM(config)`
+are the oracles a staged model must agree with; `unsplit_variables(params, state)` turns
+a staged model's variables into theirs. Aux-head grammar: `ilbp.models.heads`.
 """
 
 from ilbp.models.heads import ConvHead, parse_head

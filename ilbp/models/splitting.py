@@ -6,6 +6,7 @@ holds units sum(counts[:k]) .. sum(counts[:k+1]) - 1.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,7 +62,9 @@ def parse_blocks_per_stage(spec: str | Sequence[int | str], num_units: int) -> t
 
 
 def check_num_stages(num_stages: int, num_units: int, what: str = "units") -> None:
-    if not isinstance(num_stages, int) or not 1 <= num_stages <= num_units:
+    """Raises ValueError unless 1 ≤ num_stages ≤ num_units (an integer, not a bool)."""
+    integral = isinstance(num_stages, numbers.Integral) and not isinstance(num_stages, bool)
+    if not integral or not 1 <= num_stages <= num_units:
         raise ValueError(
             f"num_stages={num_stages!r} must be an integer between 1 and the number of "
             f"{what}, {num_units}: every stage needs at least one."
@@ -81,6 +84,7 @@ def balance_split(
     """
     n = len(unit_costs)
     check_num_stages(num_stages, n)
+    num_stages = int(num_stages)
     heads = list(head_costs) if head_costs is not None else [0.0] * n
     prefix = [0.0]
     for c in unit_costs:

@@ -167,8 +167,8 @@ class Block(nn.Module):
 
 
 class TransformerStage(nn.Module):
-    """Blocks [first_block, first_block + num_blocks) of the LM, with the embedding if
-    `embed` and the final norm and unembedding if `unembed`.
+    """`num_blocks` consecutive blocks of the LM (one `nn.scan`), preceded by the
+    embedding if `embed` and followed by the final norm and unembedding if `unembed`.
 
     Input: tokens_BxT int32 if `embed`, else h_BxTxD. Output: logits_BxTxV if `unembed`,
     else h_BxTxD. Raises ValueError if T > max_len or integer tokens are missing.
