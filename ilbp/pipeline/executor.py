@@ -1,0 +1,150 @@
+"""The executor interface, `make_executor`, and the single-program ("simulated") executor.
+
+An executor runs training steps of one (model, strategy, optimizer) on some devices:
+
+    ex = make_executor("mpmd", model, strategy, optimizer, microbatches=4)
+    state = ex.init(rng, batch)
+    state, metrics = ex.step(state, batch)
+    ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval)
+    state = ex.from_train_state(ts)      # and back
+
+Kinds (DESIGN.md §3):
+  "simulated": every stage in one `jax.jit` (`ilbp.make_train_step`), data parallel over
+               the mesh axis `data`; its state is the TrainState itself.
+  "mpmd":      stage k's state and ops on device (group) k, jitted per stage and issued
+               in schedule order (`ilbp.pipeline.mpmd`): heterogeneous stages (ResNets).
+  "spmd":      homogeneous stages stacked and sharded over mesh axis `stage`, one
+               `shard_map` program (`ilbp.pipeline.spmd`): the Transformer's blocks.
+
+All three compute what the single-program step computes: the same parameters after any
+number of steps, up to float reassociation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from ilbp.engine import Metrics
+from ilbp.stage import Batch, StagedModel
+from ilbp.strategy import Strategy
+from ilbp.train import Optimizer, TrainState, init_train_state, make_train_step
+
+EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
+
+
+class Executor(Protocol):
+    """What every executor offers; its state is executor-specific and already placed."""
+
+    def init(self, rng: jax.Array, batch: Batch) -> Any: ...
+
+    def step(self, state: Any, batch: Batch) -> tuple[Any, Metrics]: ...
+
+    def to_train_state(self, state: Any) -> TrainState: ...
+
+    def from_train_state(self, ts: TrainState) -> Any: ...
+
+
+def check_microbatches(microbatches: int) -> None:
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches must be an integer ≥ 1; got {microbatches!r}.")
+
+
+def check_batch_split(batch: Batch, data: int, microbatches: int) -> int:
+    """Returns the batch size; ValueError if it does not split into data × M pieces."""
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"Every batch entry needs the same leading size; got {sorted(sizes)}.")
+    (size,) = sizes
+    if size % (data * microbatches):
+        raise ValueError(
+            f"Batch size {size} must be divisible by the `data` parallelism ({data}) times "
+            f"the number of microbatches ({microbatches}); choose a batch size that is a "
+            f"multiple of {data * microbatches} or change microbatches."
+        )
+    return size
+
+
+def check_stage_devices(num_stages: int, available: int, kind: str) -> None:
+    if num_stages > available:
+        raise ValueError(
+            f"The {kind} executor needs one device (group) per stage: the model has "
+            f"K={num_stages} stages but only {available} devices are available. Cut the "
+            "model into fewer stages, or on CPU set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={num_stages} before importing jax."
+        )
+
+
+class SimulatedExecutor:
+    """The single-program step (all stages in one jit) behind the Executor interface."""
+
+    def __init__(
+        self,
+        model: StagedModel,
+        strategy: Strategy,
+        optimizer: Optimizer,
+        *,
+        microbatches: int = 1,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        check_microbatches(microbatches)
+        self.model, self.optimizer, self.mesh = model, optimizer, mesh
+        self._step = make_train_step(
+            model, strategy, optimizer, mesh=mesh, microbatches=microbatches, donate=False
+        )
+
+    def init(self, rng: jax.Array, batch: Batch) -> TrainState:
+        return init_train_state(self.model, self.optimizer, rng, batch, mesh=self.mesh)
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return self._step(state, batch)
+
+    def to_train_state(self, state: TrainState) -> TrainState:
+        return state
+
+    def from_train_state(self, ts: TrainState) -> TrainState:
+        return ts
+
+
+def make_executor(
+    kind: str,
+    model: StagedModel,
+    strategy: Strategy | str,
+    optimizer: Optimizer,
+    *,
+    microbatches: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
+    devices: Sequence[Any] | None = None,
+) -> Executor:
+    """An executor of `kind` ("simulated", "mpmd" or "spmd"); see the module docstring.
+
+    Args:
+      model: the staged model (for "spmd", one whose stages stack: `HomogeneousStages`).
+      strategy: a Strategy or a name `Strategy.parse` accepts.
+      optimizer: one optax transformation for every stage, or one per stage.
+      microbatches: M ≥ 1: a step accumulates M microbatches' gradients, updates once.
+      mesh: "simulated": optional data mesh; "mpmd": optional (stage, data) mesh whose
+        row k is stage k's device group; "spmd": a mesh with axes `stage` (= K) and
+        `data` (default: `ilbp.make_mesh(stage=K)`).
+      devices: "mpmd" only: K devices (or K device groups), default the first K.
+    """
+    if isinstance(strategy, str):
+        strategy = Strategy.parse(strategy)
+    if kind == "simulated":
+        return SimulatedExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
+    if kind == "mpmd":
+        from ilbp.pipeline.mpmd import MPMDExecutor
+
+        return MPMDExecutor(
+            model, strategy, optimizer, microbatches=microbatches, mesh=mesh, devices=devices
+        )
+    if kind == "spmd":
+        from ilbp.pipeline.spmd import SPMDExecutor
+
+        if devices is not None:
+            raise ValueError("The spmd executor takes a `mesh`, not `devices`.")
+        return SPMDExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
+    raise ValueError(f"Unknown executor {kind!r}; choose one of {EXECUTORS}.")
