@@ -15,12 +15,13 @@ compute the same thing (DESIGN.md §1):
   {j: ∂L_j/∂h_k} that the plan routes to it, takes one parameter VJP on the combined
   cotangent, and input VJPs (batched with `vmap`) only for what earlier stages need.
 
-The per-stage pieces (`stage_forward`, `head_forward_backward`, `stage_backward`) are
+The per-stage pieces (`stage_forward`, `head_forward`, `stage_backward`) are
 public so that the pipelined executors run exactly this math, one stage per device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,6 +53,32 @@ def stage_forward(
     return jax.vjp(lambda p, x: stage.apply(p, state, x, rng, True), params, x, has_aux=True)
 
 
+def head_forward(
+    head: Stage | None,
+    loss_fn: LossFn,
+    weight: float,
+    params: Params,
+    state: State,
+    h: jax.Array,
+    batch: Batch,
+    rng: jax.Array,
+) -> tuple[jax.Array, Metrics, State, Callable]:
+    """Loss on h (through `head` if given, else h are the logits), keeping residuals.
+
+    Returns (loss, metrics, new head state, head_vjp) where head_vjp() -> (∂(w·loss)/∂φ,
+    ∂(w·loss)/∂h); loss and metrics are unweighted. Deferring head_vjp to the backward
+    sweep keeps the activation-sized ∂L_k/∂h_k out of memory until stage k needs it.
+    """
+
+    def weighted_loss(p, h):
+        logits, new_state = (h, state) if head is None else head.apply(p, state, h, rng, True)
+        loss, metrics = loss_fn(logits, batch)
+        return weight * loss, (loss, metrics, new_state)
+
+    weighted, vjp_fn, (loss, metrics, new_state) = jax.vjp(weighted_loss, params, h, has_aux=True)
+    return loss, metrics, new_state, functools.partial(vjp_fn, jnp.ones_like(weighted))
+
+
 def head_forward_backward(
     head: Stage | None,
     loss_fn: LossFn,
@@ -62,19 +89,11 @@ def head_forward_backward(
     batch: Batch,
     rng: jax.Array,
 ) -> tuple[jax.Array, Metrics, Params, jax.Array, State]:
-    """Loss on h (through `head` if given, else h are the logits) and its gradients.
-
-    Returns (loss, metrics, ∂(w·loss)/∂φ, ∂(w·loss)/∂h, new head state); loss and
-    metrics are unweighted.
-    """
-
-    def weighted_loss(p, h):
-        logits, new_state = (h, state) if head is None else head.apply(p, state, h, rng, True)
-        loss, metrics = loss_fn(logits, batch)
-        return weight * loss, (loss, metrics, new_state)
-
-    grad_fn = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)
-    (dphi, dh), (loss, metrics, new_state) = grad_fn(params, h)
+    """`head_forward` and its backward at once: (loss, metrics, ∂φ, ∂h, new state)."""
+    loss, metrics, new_state, head_vjp = head_forward(
+        head, loss_fn, weight, params, state, h, batch, rng
+    )
+    dphi, dh = head_vjp()
     return loss, metrics, dphi, dh, new_state
 
 
@@ -132,7 +151,7 @@ def routed_grads(
     grads: list[dict[str, Any]] = [{} for _ in range(K)]
     new_state: list[dict[str, Any]] = [{} for _ in range(K)]
     metrics: Metrics = {}
-    vjp_fns, own_cotangent = [], []
+    vjp_fns, head_vjps = [], []
 
     h = batch[model.input_key]
     for k, stage in enumerate(model.stages):
@@ -142,7 +161,7 @@ def routed_grads(
         )
         vjp_fns.append(vjp_fn)
         is_last = k == K - 1
-        loss, m, dphi, dh, head_state = head_forward_backward(
+        loss, m, head_state, head_vjp = head_forward(
             None if is_last else model.heads[k],
             model.head_loss(k),
             1.0 if is_last else strategy.aux_weight(k),
@@ -152,14 +171,17 @@ def routed_grads(
             batch,
             rng_head,
         )
-        own_cotangent.append(dh)
+        head_vjps.append(head_vjp)
         metrics.update(loss_metrics(k, K, loss, m))
         if not is_last:
-            grads[k]["head"], new_state[k]["head"] = dphi, head_state
+            new_state[k]["head"] = head_state
 
     received: Cotangents = {}
     for k in reversed(range(K)):
-        cotangents = {k: own_cotangent[k], **received}
+        dphi, own_cotangent = head_vjps[k]()
+        if k < K - 1:
+            grads[k]["head"] = dphi
+        cotangents = {k: own_cotangent, **received}
         grads[k]["stage"], received = stage_backward(plan[k], vjp_fns[k], cotangents)
     return tuple(grads), tuple(new_state), metrics
 

@@ -1,0 +1,305 @@
+"""Pipeline benchmark: measured MPMD throughput vs the schedule model, and predictions.
+
+    python benchmarks/pipeline.py                 # K = 2 (one core per stage)
+    python benchmarks/pipeline.py --stages 4      # where there are ≥ 4 cores
+
+Every XLA CPU device is made single-threaded, so that device k is one core: stage k.
+Prints:
+  1. per-op costs (ms) of each stage, measured one op at a time;
+  2. per strategy and M: measured period per step and per-device busy fraction (op
+     work per step / measured period) of the MPMD executor, beside the schedule
+     model's prediction from the measured costs, and their ratio (target within 15%);
+     each device's peak memory: state + compiled temporaries + the residuals of the
+     microbatches the schedule says it holds in flight;
+  3. the model's predicted throughput relative to global for K = 4, 8, 16, 32 (DESIGN.md
+     units, cheap aux heads), and the checks pairwise ≥ 0.9 (2K+1)/5 × split global at
+     M = 1 and pairwise busy ≥ 0.85 at M = 4;
+  4. the throughput-versus-memory frontier for K ∈ {4, 8, 16, 32}, M ∈ {1, ..., 16},
+     with where a microbatched global overtakes interlocking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--microbatches", default="1,4")
+    p.add_argument("--strategies", default="global,local,pairwise,3wise")
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--layers", type=int, default=3, help="dense layers per stage")
+    p.add_argument("--batch", type=int, default=128, help="microbatch size")
+    p.add_argument("--steps", type=int, default=8)
+    return p.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:  # before jax is imported: single-threaded devices, one per stage
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={ARGS.stages} "
+        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import ilbp  # noqa: E402
+from ilbp.pipeline import make_executor  # noqa: E402
+from ilbp.pipeline import mpmd_ops as ops  # noqa: E402
+from ilbp.schedule import CostModel, render_table, simulate, throughput_table  # noqa: E402
+from ilbp.strategy import StagePlan, Strategy  # noqa: E402
+
+CLASSES = 10
+
+
+class MLPStage(nn.Module):
+    width: int
+    layers: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for _ in range(self.layers):
+            x = jnp.tanh(nn.Dense(self.width)(x))
+        return x
+
+
+def mlp_model(K: int, width: int, layers: int) -> ilbp.StagedModel:
+    """K equal MLP stages; cheap aux heads (one dense layer to the classes)."""
+    stages = [ilbp.from_linen(MLPStage(width, layers), f"mlp{k}") for k in range(K - 1)]
+    last = nn.Sequential([MLPStage(width, layers - 1), nn.Dense(CLASSES)])
+    stages.append(ilbp.from_linen(last, "logits", train_kwarg=None))
+    heads = [ilbp.from_linen(nn.Dense(CLASSES), f"head{k}", train_kwarg=None) for k in range(K - 1)]
+    return ilbp.StagedModel(stages, heads, ilbp.classification_loss())
+
+
+def _time(fn, *args, reps: int = 15) -> float:
+    """Median wall seconds of fn(*args), blocking on its result."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def measure_ops(ex, ts: ilbp.TrainState, batch) -> tuple[CostModel, list[dict]]:
+    """Per-stage op times (seconds) and memory (bytes) on the stage's own device."""
+    model, K = ex.model, ex.model.num_stages
+    rng, step = ts.rng, ts.step
+    x = batch[model.input_key]
+    costs = {n: [] for n in ("F", "A", "V", "W", "B", "U", "T")}
+    memory = []
+    for k in range(K):
+        dev = ex.meshes[k].devices.flat[0]
+        p, s, b = jax.device_put((ts.params[k], ts.state[k], batch), dev)
+        r, t, x = jax.device_put((rng, step, x), dev)
+        if k < K - 1:
+            fwd = lambda p=p, s=s, x=x, r=r, t=t, k=k: ex.forward[k](
+                p["stage"], s["stage"], x, r, t, 0
+            )
+            h, vjp, _ = fwd()
+            costs["F"].append(_time(fwd))
+            head = lambda h=h, p=p, s=s, b=b, r=r, t=t, k=k: ex.head[k](
+                p["head"], s["head"], h, b, r, t, 0, None
+            )
+            costs["A"].append(_time(head))
+            cot = head()[2]
+            compiled = ex.forward[k].lower(p["stage"], s["stage"], x, r, t, 0).compile()
+        else:
+            fwd = lambda p=p, s=s, x=x, b=b, r=r, t=t, k=k: ex.forward[k](
+                p["stage"], s["stage"], x, b, r, t, 0
+            )
+            vjp, _, cot, _ = fwd()
+            h = cot
+            costs["A"].append(0.0)
+            costs["F"].append(_time(fwd))
+            compiled = ex.forward[k].lower(p["stage"], s["stage"], x, b, r, t, 0).compile()
+        cots = {k: cot}
+        costs["V"].append(_time(ops.input_vjp_op, vjp, cot) if k > 0 else 0.0)
+        w_op = ops.backward_op(StagePlan(((k, 1.0),), ()))
+        costs["W"].append(_time(w_op, vjp, cots, None))
+        b_op = ops.backward_op(StagePlan(((k, 1.0),), (k,) if k > 0 else ()))
+        costs["B"].append(_time(b_op, vjp, cots, None))
+        grads = w_op(vjp, cots, None)[0]
+        g = {"stage": grads, **({"head": p["head"]} if k < K - 1 else {})}
+        costs["U"].append(_time(ex.update[k], p, ts.opt_state[k], g, t, [{"loss": t}]))
+        nxt = jax.devices()[(k + 1) % K]
+        costs["T"].append(_time(jax.device_put, h, nxt))
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        state_bytes = _nbytes((ts.params[k], ts.state[k], ts.opt_state[k]))
+        memory.append({"state": state_bytes, "residual": _nbytes(vjp), "temp": temp})
+        x = h
+    model_costs = CostModel.from_measured(
+        costs["F"],
+        costs["V"],
+        costs["W"],
+        fused_vjp=costs["B"],
+        aux=tuple(costs["A"]),
+        update=tuple(costs["U"]),
+        transfer=sum(costs["T"]) / K,
+    )
+    return model_costs, costs, memory
+
+
+def run(args: argparse.Namespace) -> None:
+    K = args.stages
+    assert jax.device_count() >= K, "set --stages before jax initialises"
+    model = mlp_model(K, args.width, args.layers)
+    opt = optax.sgd(0.01)
+    Ms = [int(m) for m in args.microbatches.split(",")]
+    specs = args.strategies.split(",")
+    print(
+        f"# MPMD on {K} single-threaded CPU devices: {K} MLP stages of {args.layers} × "
+        f"{args.width}, microbatch {args.batch}, {os.cpu_count()} cores\n"
+    )
+
+    def make_batch(M: int):
+        kx, ky = jax.random.split(jax.random.key(1))
+        n = args.batch * M
+        return {
+            "inputs": jax.random.normal(kx, (n, args.width)),
+            "label": jax.random.randint(ky, (n,), 0, CLASSES),
+        }
+
+    ex0 = make_executor("mpmd", model, "pairwise", opt)
+    ts = ilbp.init_train_state(model, opt, jax.random.key(0), make_batch(1))
+    costs, raw, memory = measure_ops(ex0, ts, make_batch(1))
+    print("## 1. Per-op costs (ms)\n")
+    print("stage  " + "  ".join(f"{n:>6}" for n in raw))
+    for k in range(K):
+        print(f"{k:>5}  " + "  ".join(f"{raw[n][k] * 1e3:6.2f}" for n in raw))
+    print(
+        "(F forward, A aux head fwd+bwd, V input VJP, W parameter VJP, B fused VJP, "
+        "U update, T transfer of h_k)\n"
+    )
+
+    print("## 2. Measured vs model (period per step in ms; busy per device)\n")
+    header = f"{'strategy':10} {'M':>2} {'measured':>9} {'model':>8} {'ratio':>6}  "
+    header += "  ".join(f"busy{k} meas/model" for k in range(K))
+    header += "  " + "  ".join(f"held{k}" for k in range(K))
+    header += "  " + "  ".join(f"peakMB{k}" for k in range(K))
+    print(header)
+    for M in Ms:
+        batch = make_batch(M)
+        for spec in specs:
+            ex = make_executor("mpmd", model, spec, opt, microbatches=M)
+            st = ex.from_train_state(ts)
+            for _ in range(2):  # compile and warm up
+                st, _ = ex.step(st, batch)
+            jax.block_until_ready(st)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                st, _ = ex.step(st, batch)
+            jax.block_until_ready(st)
+            period = (time.perf_counter() - t0) / args.steps
+            sched = simulate(spec, K, M, steps=8, costs=costs, fused_backward=True)
+            work = [0.0] * K
+            for o in sched.timeline:
+                if o.step == 0:
+                    work[o.stage] += o.cost
+            busy = "  ".join(
+                f"{w / period:.2f}/{b:.2f}".rjust(17) for w, b in zip(work, sched.busy)
+            )
+            held = "  ".join(f"{h:5d}" for h in sched.in_flight)
+            peak = "  ".join(
+                f"{(m['state'] + m['temp'] + h * m['residual']) / 2**20:8.2f}"
+                for m, h in zip(memory, sched.in_flight)
+            )
+            print(
+                f"{Strategy.parse(spec).name:10} {M:>2} {period * 1e3:9.2f} "
+                f"{sched.period * 1e3:8.2f} {sched.period / period:6.2f}  {busy}  {held}  {peak}"
+            )
+    print(
+        "(ratio = model / measured, target 0.85..1.15; busy measured = op work per step "
+        "/ measured period; held = microbatches' residuals a device holds at peak)\n"
+    )
+    predictions()
+
+
+def predictions() -> None:
+    print(
+        "## 3. Predicted throughput vs split-backward global (DESIGN units, free aux "
+        "heads and transfers)\n"
+    )
+    rows = throughput_table(("global", "local", "pairwise", "3wise"), (4, 8, 16, 32), (1, 4))
+    print(render_table(rows))
+    print()
+    for aux in (0.0, 0.1):
+        for K in (4, 8, 16, 32):
+            c = CostModel(aux=aux)
+            g = simulate("global", K, 1, costs=c).period
+            p = simulate("pairwise", K, 1, costs=c).period
+            target = 0.9 * (2 * K + 1) / 5
+            busy_k = simulate("pairwise", K, 4, costs=c).busy
+            busy, low = sum(busy_k) / K, min(busy_k)
+            print(
+                f"aux={aux}: K={K:2}: pairwise/global throughput at M=1 {g / p:.3f} "
+                f"(target ≥ 0.9·(2K+1)/5 = {target:.3f}: {'ok' if g / p >= target else 'MISS'}); "
+                f"pairwise busy at M=4 mean {busy:.3f} ({'ok' if busy >= 0.85 else 'MISS'}), "
+                f"min {low:.3f} (stage 0 has no input VJP to do)"
+            )
+    print()
+    frontier()
+
+
+def frontier() -> None:
+    """Throughput (microbatches per F) and peak microbatches held, K × M × strategy."""
+    print(
+        "## 4. Throughput-vs-memory frontier (microbatches per unit F; held = "
+        "microbatches of residuals at peak on the busiest-memory device)\n"
+    )
+    variants = {
+        "global-gpipe": ("global", dict(priority="gpipe", fused_backward=True)),
+        "global-1f1b": ("global", dict()),
+        "pairwise": ("pairwise", dict()),
+        "3wise": ("3wise", dict()),
+        "local": ("local", dict()),
+    }
+    Ms = (1, 2, 4, 8, 16)
+    for K in (4, 8, 16, 32):
+        print(f"K={K}: " + "   ".join(f"M={M:<2}" + " " * 8 for M in Ms))
+        results = {}
+        for name, (spec, opts) in variants.items():
+            cells = []
+            for M in Ms:
+                s = simulate(spec, K, M, steps=4, **opts)
+                results[(name, M)] = (s.throughput, max(s.in_flight))
+                cells.append(f"{s.throughput:6.3f}/{max(s.in_flight):<3}")
+            print(f"  {name:13}" + "  ".join(cells))
+        best_pair = max(results[("pairwise", M)][0] for M in Ms)
+        over = [
+            (name, M)
+            for name in ("global-1f1b", "global-gpipe")
+            for M in Ms
+            if results[(name, M)][0] > best_pair
+        ]
+        if over:
+            name, M = min(over, key=lambda x: x[1])
+            thr, held = results[(name, M)]
+            print(
+                f"  => at K={K}, {name} with M={M} ({thr:.3f}/F, holding {held} microbatches) "
+                f"overtakes pairwise's best throughput ({best_pair:.3f}/F, holding "
+                f"{max(results[('pairwise', m)][1] for m in Ms)})."
+            )
+        else:
+            print(f"  => at K={K}, no global with M ≤ 16 reaches pairwise's {best_pair:.3f}/F.")
+    print()
+
+
+if __name__ == "__main__":
+    run(ARGS)
