@@ -158,6 +158,13 @@ def test_balance_split_is_optimal():
         assert worst(np.array(split)) == pytest.approx(best)
 
 
+def test_balance_split_evens_out_the_other_stages():
+    # Stage 0 is 5 whatever the split; the rest are split as evenly as they can be.
+    assert models.balance_split([5, 1, 1, 1, 1, 1], 3) in {(1, 2, 3), (1, 3, 2)}
+    assert models.balance_split([1] * 6, 3) == (2, 2, 2)
+    assert models.balance_split([1] * 6, 3, head_costs=[0, 0, 0, 0, 3, 0]) == (2, 2, 2)
+
+
 def test_flops_balanced_split_of_resnet20():
     config = models.ResNetConfig.cifar(20)
     units, _ = models.resnet_unit_flops(config, 10, (32, 32, 3), "gbpl_fc")

@@ -79,38 +79,46 @@ def balance_split(
     """Contiguous split of units into K stages that minimises the most expensive stage.
 
     The cost of a stage holding units a..b is sum(unit_costs[a..b]) plus, for every
-    stage but the last, head_costs[b] (its aux head sits on unit b's output). Exact
-    dynamic programme, O(K N²).
+    stage but the last, head_costs[b] (its aux head sits on unit b's output). Among the
+    splits with the least maximum, the one with the least sum of squared stage costs
+    (the other stages as even as they can be). Exact dynamic programmes, O(K N²).
     """
     n = len(unit_costs)
     check_num_stages(num_stages, n)
-    num_stages = int(num_stages)
-    heads = list(head_costs) if head_costs is not None else [0.0] * n
+    K = int(num_stages)
+    heads = [float(c) for c in head_costs] if head_costs is not None else [0.0] * n
     prefix = [0.0]
     for c in unit_costs:
         prefix.append(prefix[-1] + float(c))
 
-    # best[k][i]: minimal max-stage cost of units 0..i-1 in k stages (not the last stage).
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_stages + 1):
-        last = k == num_stages
-        for i in range(k, n + 1):
-            if last and i != n:
-                continue
-            for j in range(k - 1, i):  # stage k holds units j..i-1
-                cost = prefix[i] - prefix[j] + (0.0 if last else heads[i - 1])
-                value = max(best[k - 1][j], cost)
-                if value < best[k][i]:
-                    best[k][i], cut[k][i] = value, j
-    bounds, i = [], n
-    for k in range(num_stages, 0, -1):
-        j = cut[k][i]
-        bounds.append(i - j)
-        i = j
-    return tuple(reversed(bounds))
+    def stage_cost(j: int, i: int, last: bool) -> float:  # Units j..i-1.
+        return prefix[i] - prefix[j] + (0.0 if last else heads[i - 1])
+
+    def solve(combine, cap: float) -> tuple[float, list[int]]:
+        # best[k][i]: least combined cost of units 0..i-1 in k stages, each ≤ cap.
+        inf = float("inf")
+        best = [[inf] * (n + 1) for _ in range(K + 1)]
+        cut = [[0] * (n + 1) for _ in range(K + 1)]
+        best[0][0] = 0.0
+        for k in range(1, K + 1):
+            last = k == K
+            for i in range(n if last else k, n + 1):
+                for j in range(k - 1, i):
+                    cost = stage_cost(j, i, last)
+                    if cost <= cap and best[k - 1][j] < inf:
+                        value = combine(best[k - 1][j], cost)
+                        if value < best[k][i]:
+                            best[k][i], cut[k][i] = value, j
+        counts, i = [], n
+        for k in range(K, 0, -1):
+            counts.append(i - cut[k][i])
+            i = cut[k][i]
+        return best[K][n], counts[::-1]
+
+    worst, _ = solve(max, float("inf"))
+    tolerance = 1e-9 * max(worst, 1.0)  # Float sums in another order may differ by ulps.
+    _, counts = solve(lambda acc, cost: acc + cost * cost, worst + tolerance)
+    return tuple(counts)
 
 
 def flops(fn: Callable[..., Any], *args: Any) -> float:
