@@ -195,17 +195,18 @@ class StagedModel:
         Returns (params, state), each a K-tuple of {"stage": ..., "head": ...} dicts
         ("head" absent on the last stage).
         """
-        self.check_shapes(x)
+        shapes = self.check_shapes(x)
         params, state = [], []
-        h = x
         for k, stage in enumerate(self.stages):
             rng_stage, rng_head = stage_rngs(rng, k)
-            p, s = stage.init(rng_stage, h)
-            h, _ = stage.apply(p, s, h, None, False)
+            p, s = stage.init(rng_stage, x)
             params.append({"stage": p})
             state.append({"stage": s})
+            # Later stages and heads are initialised on zeros of the right shape: init
+            # needs shapes, not values, and a forward chain here would double the work.
+            x = jax.numpy.zeros(shapes[k].shape, shapes[k].dtype)
             if k < len(self.heads):
-                ph, sh = self.heads[k].init(rng_head, h)
+                ph, sh = self.heads[k].init(rng_head, x)
                 params[k]["head"], state[k]["head"] = ph, sh
         return tuple(params), tuple(state)
 
