@@ -1,0 +1,43 @@
+"""Byte-level Transformer LM on the running interpreter's standard-library sources.
+
+The embedded LM default: every `.py` file of the CPython standard library that runs
+this command (sysconfig's stdlib directory, site-packages excluded), bytes as tokens;
+about 1/20 of the files (chosen by a hash of their path) are held out as validation.
+Model: 4 pre-LN blocks, d_model 128, 4 heads, context 128, one block per stage (K=4)
+with an LayerNorm + unembedding aux head after each of the first three. AdamW,
+lr 3e-3 with warmup and cosine decay, batch 32.
+
+    python -m experiments.train --config=experiments/configs/stdlib_lm.py:pairwise,k=4 \
+        --workdir=runs/stdlib_pairwise
+    python -m experiments.compare --config=experiments/configs/stdlib_lm.py
+
+Expected result: EXPECTED_RESULT
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config; `arg` selects a variant, e.g. "global,k=2" (see configs/common.py)."""
+    c = common.base_config()
+    c.name = "stdlib_lm"
+    c.dataset = "stdlib"
+    c.seq_len = 128
+    c.model = common.transformer_model(num_layers=4, d_model=128, num_heads=4)
+    c.num_stages = 4
+    c.batch_size = 32
+    c.num_train_steps = 500
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.warmup_steps = 50
+    c.optimizer.grad_clip_norm = 1.0
+    c.eval_batch_size = 64
+    c.eval_every_steps = 100
+    c.eval_examples = 512
+    c.checkpoint_every_steps = 250
+    return common.apply_arg(c, arg)

@@ -1,0 +1,150 @@
+"""Orbax checkpoints of a run: the gathered TrainState, the data step and a fingerprint.
+
+Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the `ilbp.TrainState`
+(gathered: `executor.to_train_state`), `meta` a small JSON: the data iterator's step and
+the run's *fingerprint* (stage count K, architecture, strategy, dataset, optimizer).
+A run resumes from the latest checkpoint in its workdir only if the fingerprints agree;
+otherwise it stops with a message naming what differs, before touching any file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class ExperimentError(Exception):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+class WorkdirError(ExperimentError):
+    """The workdir cannot be created or written."""
+
+
+class IncompatibleCheckpointError(ExperimentError):
+    """The workdir's checkpoint belongs to a different model, K or strategy."""
+
+
+class CorruptCheckpointError(ExperimentError):
+    """A checkpoint exists but cannot be read."""
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks that it is writable; returns its abspath."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe"):
+            pass
+    except OSError as e:
+        raise WorkdirError(
+            f"Cannot write to --workdir={workdir}: {e.strerror or e}. Choose a writable directory."
+        ) from e
+    return workdir
+
+
+def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's fingerprint and the config's."""
+    diffs = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if a == b:
+            continue
+        if key == "num_stages":
+            diffs.append(f"checkpoint has K={a} stages, config asks for K={b}")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    old, new = a.get(sub), b.get(sub)
+                    diffs.append(f"{key}.{sub}: checkpoint has {old!r}, config asks for {new!r}")
+        else:
+            diffs.append(f"{key}: checkpoint has {a!r}, config asks for {b!r}")
+    return diffs
+
+
+class Checkpoints:
+    """The run's checkpoint directory (an `ocp.CheckpointManager` with a fingerprint)."""
+
+    def __init__(self, workdir: str, fingerprint: dict[str, Any], max_to_keep: int = 2):
+        self.directory = os.path.join(workdir, CHECKPOINT_DIR)
+        self.fingerprint = fingerprint
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise WorkdirError(f"Cannot open checkpoint directory {self.directory}: {e}") from e
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata JSON of checkpoint `step` (CorruptCheckpointError if unreadable)."""
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = dict(restored["meta"])
+            if "fingerprint" not in meta:
+                raise KeyError("metadata has no fingerprint")
+        except Exception as e:
+            raise self._corrupt(step, e) from e
+        return meta
+
+    def check_compatible(self, step: int) -> dict[str, Any]:
+        """Reads checkpoint `step`'s metadata; raises IncompatibleCheckpointError if it
+        belongs to a different run shape. Returns the metadata."""
+        meta = self.read_meta(step)
+        diffs = fingerprint_diff(meta["fingerprint"], self.fingerprint)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"Refusing to resume from {self.directory} (step {step}): "
+                + "; ".join(diffs)
+                + ". Use a new --workdir (or the checkpoint's config); nothing was changed."
+            )
+        return meta
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+        """(TrainState shaped and placed like `like`, metadata) of checkpoint `step`."""
+        meta = self.check_compatible(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:
+            raise self._corrupt(step, e) from e
+        return restored["state"], meta
+
+    def save(self, step: int, train_state: Any, data_step: int) -> None:
+        """Saves checkpoint `step` (a no-op if it already exists)."""
+        if step in self.manager.all_steps():
+            return
+        meta = {"fingerprint": self.fingerprint, "data_step": int(data_step), "step": int(step)}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return CorruptCheckpointError(
+            f"Checkpoint {os.path.join(self.directory, str(step))} cannot be read "
+            f"({type(error).__name__}: {first_line[:300]}). It may be corrupt or incomplete; "
+            "the files were left as they are. Move that step directory away to resume from "
+            "an earlier checkpoint, or use a new --workdir."
+        )

@@ -1,0 +1,211 @@
+"""One training run: `train_and_evaluate(config, workdir)`, resumable from its workdir.
+
+Order of work, so that bad input fails before anything expensive or destructive:
+config checks -> workdir writable -> data present -> checkpoint compatible -> compile
+and train. A workdir with checkpoints resumes from the latest (a fresh start never
+overwrites them); one whose checkpoints belong to another model is refused.
+
+Step s means "after s updates". Checkpoints hold the gathered TrainState and the data
+iterator's step, so a resumed run sees the same batches and reproduces the
+uninterrupted run exactly (bitwise on CPU). A non-finite loss stops the run before
+anything of that step is checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from experiments.lib import builders
+from experiments.lib.checkpoints import Checkpoints, ExperimentError, prepare_workdir
+from experiments.lib.metrics import MetricWriter, Prefix, evaluate
+from ilbp import data
+
+SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteLossError(ExperimentError, FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and stage."""
+
+
+def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by `config`."""
+    return {
+        "num_stages": int(config.num_stages),
+        "model": builders.model_fields(config, info),
+        "strategy": builders.build_strategy(config).name,
+        "dataset": config.dataset,
+        "optimizer": config.optimizer.name,
+    }
+
+
+def first_nonfinite(metrics: dict[str, Any], num_stages: int) -> tuple[int, str, float] | None:
+    """(stage k, metric name, value) of the earliest stage with a non-finite loss/grad."""
+    for k in range(num_stages):
+        loss = "loss" if k == num_stages - 1 else f"aux/{k}/loss"
+        for name in (loss, f"grad_norm/{k}"):
+            value = float(metrics.get(name, 0.0))
+            if not math.isfinite(value):
+                return k, name, value
+    return None
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if it has checkpoints) and evaluates.
+
+    Args:
+      config: an experiment config (see experiments/configs).
+      workdir: where checkpoints, metrics.jsonl, tensorboard/ and summary.json go.
+      stop_after: stop (with a checkpoint) once this many steps are done, as if
+        interrupted; no final evaluation then.
+
+    Returns:
+      The summary (also in WORKDIR/summary.json): final test metrics of every head,
+      median step time, and what was run.
+
+    Raises:
+      ValueError (bad config), ilbp.data.DataMissingError, ExperimentError subclasses
+      (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
+    """
+    builders.validate(config)
+    workdir = prepare_workdir(workdir)
+    train_src = builders.build_data(config, "train")
+    test_src = builders.build_data(config, "test")
+    info = train_src.info
+    ckpts = Checkpoints(workdir, fingerprint(config, info), int(config.max_to_keep))
+    latest = ckpts.latest_step()
+    if latest is not None:
+        ckpts.check_compatible(latest)
+
+    built = builders.build(config, info)
+    ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
+    it = data.batches(
+        train_src,
+        int(config.batch_size),
+        seed=int(config.seed),
+        augment=builders.train_augment(config, info),
+    )
+    state = builders.initial_state(built, config, it.batch_at(0))
+    start = 0
+    if latest is not None:
+        ts, meta = ckpts.restore(latest, ex.to_train_state(state))
+        state, start, it.step = ex.from_train_state(ts), latest, int(meta["data_step"])
+        print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    text = info.kind == "text"
+    schedule = builders.learning_rate_schedule(config)
+    writer = MetricWriter(workdir)
+    end = T if stop_after is None else min(T, int(stop_after))
+    step_times: list[float] = []
+    wall = time.perf_counter()
+    bar = tqdm(
+        total=T, initial=start, desc=f"train {built.strategy.name}", unit="step",
+        disable=not config.progress_bar, dynamic_ncols=True,
+    )  # fmt: skip
+    try:
+        for step in range(start, end):
+            batch = next(it)
+            t0 = time.perf_counter()
+            state, metrics = ex.step(state, batch)
+            metrics = jax.device_get(metrics)
+            if step > start:  # this process's first step includes compilation
+                step_times.append(time.perf_counter() - t0)
+            done = step + 1
+            bad = first_nonfinite(metrics, K)
+            if bad or done % int(config.log_every_steps) == 0 or done == end:
+                record = {k: float(np.asarray(v)) for k, v in metrics.items()}
+                record.update(step_time=time.perf_counter() - t0, learning_rate=schedule(step))
+                writer.write("train", done, record)
+            if bad:
+                k, name, value = bad
+                kept = ckpts.latest_step()
+                raise NonFiniteLossError(
+                    f"{name} = {value} at step {done}, stage {k} (of K={K}); training stopped. "
+                    + (
+                        f"The last good checkpoint (step {kept}) is kept in {ckpts.directory}. "
+                        if kept is not None
+                        else "No checkpoint had been written yet. "
+                    )
+                    + "Lower --config.optimizer.learning_rate or set "
+                    "--config.optimizer.grad_clip_norm."
+                )
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
+            if config.eval_every_steps and done % config.eval_every_steps == 0 and done < T:
+                subset = Prefix(test_src, config.eval_examples or len(test_src))
+                ts = ex.to_train_state(state)
+                writer.write(
+                    "eval",
+                    done,
+                    evaluate(
+                        built.eval_step, ts, subset, int(config.eval_batch_size),
+                        desc=f"eval@{done}", progress=config.progress_bar, text=text,
+                    ),
+                )  # fmt: skip
+            if done % int(config.checkpoint_every_steps) == 0 or done == end:
+                ckpts.save(done, ex.to_train_state(state), it.step)
+        if end < T:
+            return {"stopped_at": end, "workdir": workdir}
+        bar.close()
+        final = evaluate(
+            built.eval_step, ex.to_train_state(state), test_src, int(config.eval_batch_size),
+            desc="final eval", progress=config.progress_bar, text=text,
+        )  # fmt: skip
+        writer.write("eval", T, final)
+        writer.write("final", T, final)
+    finally:
+        bar.close()
+        ckpts.close()
+        writer.close()
+    summary = {
+        "name": config.name,
+        "strategy": built.strategy.name,
+        "num_stages": K,
+        "seed": int(config.seed),
+        "steps": T,
+        "resumed_from": start,
+        "test_examples": len(test_src),
+        "metric": "perplexity" if text else "accuracy",
+        "test": final,
+        "step_time_s": statistics.median(step_times) if step_times else float("nan"),
+        "wall_time_s": time.perf_counter() - wall,
+        "workdir": workdir,
+    }
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the console: final test metrics of every head and timing."""
+    test, K = summary["test"], summary["num_stages"]
+    metric = summary["metric"]
+    lines = [
+        f"{summary['name']} | {summary['strategy']} | K={K} | seed {summary['seed']} | "
+        f"{summary['steps']} steps | {summary['test_examples']} test examples",
+        f"  final head: {metric} {test[metric]:.4f}, loss {test['loss']:.4f}",
+    ]
+    for k in range(K - 1):
+        lines.append(
+            f"  aux head {k}: accuracy {test[f'aux/{k}/accuracy']:.4f}, "
+            f"loss {test[f'aux/{k}/loss']:.4f}"
+        )
+    lines.append(
+        f"  step time {summary['step_time_s'] * 1e3:.1f} ms (median), "
+        f"wall {summary['wall_time_s']:.1f} s, workdir {summary['workdir']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""experiments.compare: strategies x seeds -> results.md/.csv/.png, and its refusals."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+from experiments.lib import checkpoints, report
+from tests import experiments_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return fx.write_idx_dir(str(tmp_path_factory.mktemp("idx")))
+
+
+def _config(idx_dir, arg="pairwise,k=3"):
+    c = fx.tiny_image_config(f"idx:{idx_dir}", arg)
+    c.compare.strategies, c.compare.seeds = "global,pairwise", "0,1"
+    return c
+
+
+def test_compare_writes_results(idx_dir, tmp_path):
+    table, rows = report.compare(_config(idx_dir), str(tmp_path))
+    assert [r["strategy"] for r in rows] == ["global", "pairwise"]
+    assert all(r["seeds"] == 2 and r["test_accuracy_std"] >= 0 for r in rows)
+    assert rows[0]["predicted_throughput_vs_global_K3"] == pytest.approx(1.0)
+    assert rows[1]["predicted_throughput_vs_global_K3"] > 1.0  # pipelined pairwise
+    assert "| global |" in table and "Ranking by mean test accuracy" in table
+    files = set(os.listdir(tmp_path))
+    assert {"results.md", "results.csv", "runs.csv", "test_accuracy.png"} <= files
+    assert sorted(os.listdir(tmp_path / "pairwise")) == ["seed0", "seed1"]
+    with open(tmp_path / "results.md") as f:
+        text = f.read()
+    assert table in text and "## Runs" in text
+    with open(tmp_path / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 4 and {"aux/0/accuracy", "aux/1/accuracy"} <= set(runs[0])
+    assert os.path.getsize(tmp_path / "test_accuracy.png") > 1000
+
+    # Into the same workdir with another K: refused before any run, nothing changed.
+    before = fx.tree_digest(str(tmp_path))
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="K=3 stages"):
+        report.compare(_config(idx_dir, "k=2"), str(tmp_path))
+    assert fx.tree_digest(str(tmp_path)) == before
+
+
+def test_compare_bad_lists(idx_dir, tmp_path):
+    c = _config(idx_dir)
+    c.compare.strategies = "global,sideways"
+    with pytest.raises(ValueError, match="Unknown strategy 'sideways'"):
+        report.compare(c, str(tmp_path / "a"))
+    c = _config(idx_dir)
+    c.compare.seeds = "0,one"
+    with pytest.raises(ValueError, match="seeds must be integers"):
+        report.compare(c, str(tmp_path / "b"))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")

@@ -1,0 +1,83 @@
+"""Experiment configs: every file loads, the `:arg` grammar, and its errors (no training)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from experiments.configs import common
+from experiments.lib import builders
+
+CONFIGS = (
+    "fashion_mnist_resnet",
+    "cifar10_resnet",
+    "cifar100_resnet",
+    "imagenet_resnet50",
+    "stdlib_lm",
+    "lm1b_transformer",
+)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_validates_and_documents_its_command(name):
+    module = importlib.import_module(f"experiments.configs.{name}")
+    c = module.get_config()
+    builders.validate(c)
+    assert c.name == name and c.executor == "simulated" and c.microbatches == 1
+    assert f"--config=experiments/configs/{name}.py" in module.__doc__
+    assert "Expected result" in module.__doc__
+    variant = module.get_config("nwise=3,k=2,combine=sum")
+    assert (variant.strategy, variant.num_stages, variant.combine) == ("nwise=3", 2, "sum")
+    assert builders.build_strategy(variant).name == "3wise:sum"
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("pairwise,k=4", {"strategy": "pairwise", "num_stages": 4}),
+        ("nwise=3,k=8,combine=sum", {"strategy": "nwise=3", "num_stages": 8, "combine": "sum"}),
+        ("global", {"strategy": "global"}),
+        ("3wise, k=2", {"strategy": "3wise", "num_stages": 2}),
+        ("local,executor=mpmd,m=4", {"strategy": "local", "executor": "mpmd", "microbatches": 4}),
+        ("", {}),
+        (None, {}),
+    ],
+)
+def test_parse_arg(arg, expected):
+    assert common.parse_arg(arg) == expected
+
+
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("fourwise", "Unknown strategy"),
+        ("pairwise,k=0", "k must be an integer"),
+        ("pairwise,k=two", "k must be an integer"),
+        ("combine=max", "combine must be one of"),
+        ("executor=gpu", "executor must be one of"),
+        ("pairwise,lr=3", "Unknown config arg 'lr=3'"),
+    ],
+)
+def test_bad_arg_is_a_clear_error(arg, match):
+    with pytest.raises(ValueError, match=match):
+        common.parse_arg(arg)
+
+
+def test_validate_catches_bad_overrides():
+    from experiments.configs import fashion_mnist_resnet
+
+    for field, value, match in [
+        ("strategy", "twowise", "Unknown strategy"),
+        ("executor", "tpu", "Unknown executor"),
+        ("batch_size", 0, "batch_size must be ≥ 1"),
+        ("dataset", "Not A Dataset!", "Unknown dataset spec"),
+    ]:
+        c = fashion_mnist_resnet.get_config()
+        c[field] = value
+        with pytest.raises(ValueError, match=match):
+            builders.validate(c)
+    c = fashion_mnist_resnet.get_config()
+    c.optimizer.name = "lion"
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        builders.validate(c)
