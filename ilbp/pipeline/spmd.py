@@ -1,0 +1,337 @@
+"""SPMD executor: homogeneous stages stacked over mesh axis `stage`, one shard_map program.
+
+Every stage runs the same clock-tick loop (`lax.fori_loop`) inside `jax.shard_map`,
+manual over `stage` and automatic over `data` (so it composes with data parallelism and
+runs multi-process unchanged: nothing in it is host-local). With window n_ = min(n, K),
+at tick τ stage k
+
+  1. forwards microbatch τ - k (input: the embedding on stage 0, else the activation
+     received from stage k - 1) and stores the VJP residuals in slot (τ - k) mod S;
+  2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list;
+  3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
+     k + 1) belongs to microbatch τ - k - 2i; lanes are buffered per microbatch;
+  4. takes the input VJPs of lanes 0..n_-2 (vmapped, each with its microbatch's
+     residuals) and sends them left as lanes 1..n_-1 (`ppermute`);
+  5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch
+     τ - k - 2 i*(k), where i*(k) is the farthest loss stage k trains on (its last lane
+     arrives this tick), and accumulates the gradient;
+  6. sends h_k right (`ppermute`).
+
+After M + max_k(k + 2 i*(k)) ticks each stage updates its own slot (gradient mean over
+M microbatches, one update per step). Bubbles (microbatch outside [0, M), lanes whose
+loss j > K - 1) compute on NaN and are masked with `where`, never multiplied by 0, so a
+leak into real values fails the equality tests. Each step drains the pipeline (no
+overlap between steps); global's list has K - 1 lanes of which it uses one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from ilbp.engine import Metrics, loss_metrics
+from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh
+from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
+from ilbp.pipeline.homogeneous import HEAD, PROLOGUE, HomogeneousStages, transformer_stages
+from ilbp.stage import Batch, StagedModel
+from ilbp.strategy import Strategy
+from ilbp.train import Optimizer, TrainState, init_train_state
+
+P = jax.P
+
+
+@flax.struct.dataclass
+class SPMDState:
+    """step, rng: replicated; params/opt_state: uniform layout stacked K × ... over `stage`."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """Places host values; each process builds only its own shards (no host-local
+    assumption, and no cross-process equality check, which NaN padding would fail)."""
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _where(mask, tree, fill):
+    return jax.tree.map(lambda x: jnp.where(mask, x, jnp.asarray(fill, x.dtype)), tree)
+
+
+class SPMDExecutor:
+    """One shard_map program over the (stage, data) mesh (module docstring)."""
+
+    def __init__(
+        self,
+        model: StagedModel | HomogeneousStages,
+        strategy: Strategy,
+        optimizer: Optimizer,
+        *,
+        microbatches: int = 1,
+        mesh: Mesh | None = None,
+    ):
+        check_microbatches(microbatches)
+        self.hom = transformer_stages(model)
+        self.model = self.hom.model
+        K = self.model.num_stages
+        strategy.check(K)
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise ValueError("The spmd executor takes one optax transformation for all stages.")
+        if mesh is None:
+            check_stage_devices(K, jax.device_count(), "spmd")
+            mesh = make_mesh(stage=K)
+        if mesh.shape.get(STAGE_AXIS) != K or DATA_AXIS not in mesh.shape:
+            raise ValueError(
+                f"The spmd executor needs a mesh with axes `{STAGE_AXIS}` of size K={K} and "
+                f"`{DATA_AXIS}`; got {dict(mesh.shape)}. Use ilbp.make_mesh(stage={K})."
+            )
+        self.mesh, self.tx, self.M, self.K = mesh, optimizer, microbatches, K
+        self.strategy, self.optimizer = strategy, optimizer
+        plan = strategy.plan(K)
+        self.lanes = min(strategy.window, K)  # n_: lanes 0..n_-1 of the cotangent list
+        self.reach = [max(j - k for j, _ in plan[k].train_on) for k in range(K)]  # i*(k)
+        self.coef = np.array(
+            [[plan.coefficient(k, k + i) for i in range(self.lanes)] for k in range(K)], np.float32
+        )
+        self.weights = np.array([strategy.aux_weight(k) for k in range(K - 1)] + [1.0], np.float32)
+        self.slots = 2 * max(self.reach) + 1
+        self.ticks = microbatches + max(k + 2 * r for k, r in enumerate(self.reach))
+        self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
+        self.replicated = NamedSharding(mesh, P())
+        self._step = jax.jit(self._step_fn)
+
+    # Layout ----------------------------------------------------------------------------
+    def _opt_map(self, fn, opt_state, params_like):
+        """Applies fn to every params-shaped subtree of an optimizer state."""
+        structure = jax.tree.structure(params_like)
+        return jax.tree.map(
+            lambda t: fn(t) if jax.tree.structure(t) == structure else t,
+            opt_state,
+            is_leaf=lambda t: jax.tree.structure(t) == structure,
+        )
+
+    def from_train_state(self, ts: TrainState) -> SPMDState:
+        K, hom = self.K, self.hom
+        uniform = [hom.to_uniform(ts.params[k], k) for k in range(K)]
+        opt = [
+            self._opt_map(lambda t, k=k: hom.to_uniform(t, k), ts.opt_state[k], ts.params[k])
+            for k in range(K)
+        ]
+        stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+        return SPMDState(
+            step=_put(ts.step, self.replicated),
+            params=_put(stack(uniform), self.stacked),
+            opt_state=_put(stack(opt), self.stacked),
+            rng=_put(ts.rng, self.replicated),
+        )
+
+    def to_train_state(self, st: SPMDState) -> TrainState:
+        K, hom = self.K, self.hom
+        unstack = lambda tree, k: jax.tree.map(lambda x: np.asarray(x)[k], tree)
+        params = tuple(hom.from_uniform(unstack(st.params, k), k) for k in range(K))
+        uniform0 = unstack(st.params, 0)
+        opt = tuple(
+            self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(st.opt_state, k), uniform0)
+            for k in range(K)
+        )
+        # Transformer stages keep no mutable state.
+        state = ({"stage": {}, "head": {}},) * (K - 1) + ({"stage": {}},)
+        return TrainState(jnp.asarray(st.step), params, state, opt, st.rng)
+
+    def init(self, rng: jax.Array, batch: Batch) -> SPMDState:
+        self._check(batch)
+        return self.from_train_state(init_train_state(self.model, self.optimizer, rng, batch))
+
+    def _check(self, batch: Batch) -> int:
+        return check_batch_split(batch, self.mesh.shape[DATA_AXIS], self.M)
+
+    def step(self, st: SPMDState, batch: Batch) -> tuple[SPMDState, Metrics]:
+        self._check(batch)
+        M = self.M
+        split = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+        split = _put(split, NamedSharding(self.mesh, P(None, DATA_AXIS)))
+        st, stacked = self._step(st, split)
+        metrics: Metrics = {}
+        for k in range(self.K):
+            names = loss_metrics(k, self.K, 0, {n: 0 for n in stacked["loss_fn"]})
+            values = [stacked["loss"][k], *(stacked["loss_fn"][n][k] for n in stacked["loss_fn"])]
+            metrics.update(dict(zip(names, values)))
+            metrics[f"grad_norm/{k}"] = stacked["grad_norm"][k]
+            metrics[f"param_norm/{k}"] = stacked["param_norm"][k]
+        return st, metrics
+
+    # The program -----------------------------------------------------------------------
+    def _step_fn(self, st: SPMDState, split: Batch):
+        rng = jax.random.fold_in(st.rng, st.step)
+        stage_fn = jax.shard_map(
+            self._stage_program,
+            mesh=self.mesh,
+            in_specs=(P(STAGE_AXIS), P(STAGE_AXIS), P(), P()),
+            out_specs=(P(STAGE_AXIS), P(STAGE_AXIS), P(STAGE_AXIS)),
+            axis_names={STAGE_AXIS},
+            check_vma=False,  # the tick loop's carries mix stage-varying and invariant values
+        )
+        params, opt_state, metrics = stage_fn(st.params, st.opt_state, split, rng)
+        return SPMDState(st.step + 1, params, opt_state, st.rng), metrics
+
+    def _stage_program(self, params_1, opt_1, split: Batch, rng: jax.Array):
+        """Stage k's whole step; params_1/opt_1 are its 1 × ... slices."""
+        hom, K, M, S, n_ = self.hom, self.K, self.M, self.slots, self.lanes
+        k = jax.lax.axis_index(STAGE_AXIS)
+        params = jax.tree.map(lambda x: x[0], params_1)
+        opt_state = jax.tree.map(lambda x: x[0], opt_1)
+        reach = jnp.asarray(self.reach)[k]
+        coef_N = jnp.asarray(self.coef)[k]
+        weight = jnp.asarray(self.weights)[k]
+        key = self.model.input_key
+        mb = lambda m: jax.tree.map(lambda x: x[jnp.clip(m, 0, M - 1)], split)
+
+        def forward(p_trunk, x_in, tokens):
+            h0 = hom.prologue(p_trunk[PROLOGUE], tokens)
+            x = jnp.where(k == 0, h0, x_in)  # stage 0 starts from its embedding
+            return hom.body(p_trunk["body"], x)
+
+        trunk = {PROLOGUE: params[PROLOGUE], "body": params["body"]}
+
+        def run_forward(x_in, m):
+            valid = (m >= 0) & (m < M)
+            x_in = jnp.where(valid, x_in, jnp.nan)  # bubbles are NaN
+            return jax.vjp(lambda p, x: forward(p, x, mb(m)[key]), trunk, x_in)
+
+        tokens0 = split[key][0]
+        h_shape = jax.eval_shape(lambda: forward(trunk, jnp.zeros(()), tokens0))
+        zeros_h = jnp.zeros(h_shape.shape, h_shape.dtype)
+        _, vjp_proto = jax.eval_shape(run_forward, zeros_h, jnp.zeros((), jnp.int32))
+        # Residual buffers, NaN until written: a backward reading an unwritten slot fails.
+        res_bufs = [
+            jnp.full(
+                (S, *r.shape), jnp.nan if jnp.issubdtype(r.dtype, jnp.floating) else 0, r.dtype
+            )
+            for r in jax.tree.leaves(vjp_proto)
+        ]
+        nan_h = jnp.full(h_shape.shape, jnp.nan, h_shape.dtype)
+
+        def head_loss(p_head, h, batch):
+            logits = hom.head(p_head, h)
+            if hom.aux_loss is hom.loss:
+                loss, m = hom.loss(logits, batch)
+            else:
+                loss, m = jax.lax.cond(
+                    k == K - 1,
+                    lambda: hom.loss(logits, batch),
+                    lambda: hom.aux_loss(logits, batch),
+                )
+            return weight * loss, (loss, m)
+
+        def tick(tau, carry):
+            x_in, cot_in, res, cots, grads, hgrads, msum = carry
+            # 1. forward of microbatch τ - k
+            m_f = tau - k
+            h, vjp_fn = run_forward(x_in, m_f)
+            leaves, treedef = jax.tree.flatten(vjp_fn)
+            res = [r.at[m_f % S].set(x) for r, x in zip(res, leaves)]
+            # 2. head: lane 0
+            valid_f = (m_f >= 0) & (m_f < M)
+            (_, (loss, mets)), (dphi, dh) = jax.value_and_grad(
+                head_loss, argnums=(0, 1), has_aux=True
+            )(params[HEAD], h, mb(m_f))
+            hgrads = jax.tree.map(lambda a, g: a + jnp.where(valid_f, g, 0), hgrads, dphi)
+            msum = jax.tree.map(
+                lambda a, v: a + jnp.where(valid_f, v, 0), msum, {"loss": loss, "fn": mets}
+            )
+            # 3. the cotangent list and its per-microbatch buffer
+            lane_i = jnp.arange(n_)
+            m_N = tau - k - 2 * lane_i
+            valid_N = (k + lane_i <= K - 1) & (m_N >= 0) & (m_N < M)
+            list_N = jnp.concatenate([dh[None], cot_in], 0) if n_ > 1 else dh[None]
+            list_N = jnp.where(valid_N.reshape(-1, *[1] * dh.ndim), list_N, jnp.nan)
+            cots = cots.at[m_N % S, lane_i].set(list_N)
+
+            def vjp_of(slot, c):
+                fn = jax.tree.unflatten(treedef, [r[slot] for r in res])
+                return fn(c)
+
+            # 4. input VJPs of lanes 0..n_-2, sent left
+            if n_ > 1:
+                sent = jax.vmap(lambda s, c: vjp_of(s, c)[1])(m_N[:-1] % S, list_N[:-1])
+                perm = [(j + 1, j) for j in range(K - 1)]
+                cot_in = jax.lax.ppermute(sent, STAGE_AXIS, perm)
+            # 5. parameter VJP on the combined cotangent of microbatch τ - k - 2 i*(k)
+            m_w = tau - k - 2 * reach
+            valid_w = (m_w >= 0) & (m_w < M)
+            used = coef_N != 0
+            terms = jnp.where(
+                used.reshape(-1, *[1] * dh.ndim),
+                coef_N.reshape(-1, *[1] * dh.ndim) * cots[m_w % S],
+                0,
+            )
+            total = terms[0]
+            for i in range(1, n_):
+                total = total + terms[i]
+            dtheta = vjp_of(m_w % S, total)[0]
+            grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), grads, dtheta)
+            # 6. activations right
+            x_in = jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)])
+            return x_in, cot_in, res, cots, grads, hgrads, msum
+
+        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+        msum0 = {
+            "loss": jnp.zeros(()),
+            "fn": jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype),
+                jax.eval_shape(lambda: head_loss(params[HEAD], zeros_h, mb(0))[1][1]),
+            ),
+        }
+        carry = (
+            nan_h,
+            jnp.full((max(n_ - 1, 1), *h_shape.shape), jnp.nan, h_shape.dtype),
+            res_bufs,
+            jnp.full((S, n_, *h_shape.shape), jnp.nan, h_shape.dtype),
+            zeros(trunk),
+            zeros(params[HEAD]),
+            msum0,
+        )
+        if n_ == 1:
+            carry = (carry[0], carry[1][:0], *carry[2:])
+        *_, grads, hgrads, msum = jax.lax.fori_loop(0, self.ticks, tick, carry)
+        # Update: mean gradient; padding slots get zero gradient and stay NaN.
+        grads = {PROLOGUE: grads[PROLOGUE], "body": grads["body"], HEAD: hgrads}
+        if M > 1:
+            grads = jax.tree.map(lambda g: g / M, grads)
+        grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params[PROLOGUE] = _where(k == 0, new_params[PROLOGUE], jnp.nan)
+
+        # Norms of θ_k as the single program sees it (its head slot is θ_{K-1}'s output layer).
+        def sq(t):
+            return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
+
+        def stage_norm(t):
+            total = sq(t["body"]) + jnp.where(k == 0, sq(_where(k == 0, t[PROLOGUE], 0)), 0)
+            return jnp.sqrt(total + jnp.where(k == K - 1, sq(t[HEAD]), 0))
+
+        metrics = {
+            "loss": msum["loss"] / M,
+            "loss_fn": jax.tree.map(lambda v: v / M, msum["fn"]),
+            "grad_norm": stage_norm(grads),
+            "param_norm": stage_norm(new_params),
+        }
+        add = lambda t: jax.tree.map(lambda x: x[None], t)
+        return add(new_params), add(opt_state), add(metrics)
