@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -96,5 +97,5 @@ def test_a_finished_run_is_not_overwritten(trained, idx_dir):
     summary = trainer.train_and_evaluate(
         fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3"), trained
     )
-    assert summary["resumed_from"] == 2
+    assert summary["resumed_from"] == 2 and math.isfinite(summary["step_time_s"])
     assert {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)} == before

@@ -12,6 +12,7 @@ per unit time of the strategy on K devices relative to global backprop, equal st
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import statistics
 from typing import Any
@@ -124,6 +125,14 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
     better = (lambda v: -v) if metric == "perplexity" else (lambda v: v)
     ranked = sorted(rows, key=lambda r: -better(r[f"test_{metric}_mean"]))
     ranking = " > ".join(r["strategy"] for r in ranked)
+    gaps = []
+    for a, b in itertools.pairwise(ranked):
+        (ma, sa), (mb, sb) = ((r[f"test_{metric}_mean"], r[f"test_{metric}_std"]) for r in (a, b))
+        within = not abs(ma - mb) > sa + sb  # NaN std (one seed) counts as "within"
+        gaps.append(
+            f"{a['strategy']} − {b['strategy']} = {ma - mb:+.4f} "
+            f"({'within' if within else 'beyond'} the sum of their stds)"
+        )
     runs = [
         "| strategy | seed | test " + metric + " | step time (ms) | wall (s) |",
         "|---|---|---|---|---|",
@@ -133,7 +142,7 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
             f"| {s['strategy']} | {s['seed']} | {s['test'][metric]:.4f} "
             f"| {1e3 * s['step_time_s']:.0f} | {s['wall_time_s']:.0f} |"
         )
-    summary = f"{table}\n\nRanking by mean test {metric}: {ranking}."
+    summary = f"{table}\n\nRanking by mean test {metric}: {ranking}; " + "; ".join(gaps) + "."
     return summary, "\n".join(
         [
             f"# {config.name}: strategies compared",
@@ -141,7 +150,8 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
             f"K={K} stages, {s0['steps']} steps of batch {config.batch_size}, "
             f"{len(summaries) // len(rows)} seeds; final numbers on all {s0['test_examples']} "
             "test examples. std: sample standard deviation over seeds. Step time: median "
-            "of one single-program step on this machine (all stages in one jit). Predicted "
+            "of one single-program step on this machine (all stages in one jit; noisy on a "
+            "shared machine). Predicted "
             "throughput: schedule model, one device per stage, equal stages, M="
             f"{config.microbatches}. The plot's curve uses the first "
             f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "

@@ -171,6 +171,10 @@ def train_and_evaluate(
         bar.close()
         ckpts.close()
         writer.close()
+    previous_step_time = float("nan")  # a run resumed at its end keeps its measured time
+    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            previous_step_time = json.load(f).get("step_time_s", previous_step_time)
     summary = {
         "name": config.name,
         "strategy": built.strategy.name,
@@ -181,7 +185,7 @@ def train_and_evaluate(
         "test_examples": len(test_src),
         "metric": "perplexity" if text else "accuracy",
         "test": final,
-        "step_time_s": statistics.median(step_times) if step_times else float("nan"),
+        "step_time_s": statistics.median(step_times) if step_times else previous_step_time,
         "wall_time_s": time.perf_counter() - wall,
         "workdir": workdir,
     }
@@ -197,7 +201,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['name']} | {summary['strategy']} | K={K} | seed {summary['seed']} | "
         f"{summary['steps']} steps | {summary['test_examples']} test examples",
-        f"  final head: {metric} {test[metric]:.4f}, loss {test['loss']:.4f}",
+        f"  final head: {metric} {test[metric]:.4f}"
+        + (f", accuracy {test['accuracy']:.4f}" if metric != "accuracy" else "")
+        + f", loss {test['loss']:.4f}",
     ]
     for k in range(K - 1):
         lines.append(
