@@ -12,15 +12,16 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 3
 
+# Each process: 4 local CPU devices of a global (stage=4, data=2) mesh; gloo collectives.
 WORKER = textwrap.dedent(
     """
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2,
-                               process_id=int(sys.argv[2]))
+    jax.distributed.initialize(
+        f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2])
+    )
     import numpy as np
     from jax.experimental import multihost_utils
     import ilbp
@@ -28,16 +29,16 @@ WORKER = textwrap.dedent(
     from tests.pipeline_spmd_test import BATCHES, MODEL, OPT
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     ts = ilbp.init_train_state(MODEL, OPT, jax.random.key(0), BATCHES[0])
-    ex = make_executor("spmd", MODEL, "pairwise", OPT, microbatches=2,
-                       mesh=ilbp.make_mesh(stage=4, data=2))
+    mesh = ilbp.make_mesh(stage=4, data=2)
+    ex = make_executor("spmd", MODEL, "pairwise:sum", OPT, microbatches=2, mesh=mesh)
     st = ex.from_train_state(ts)
-    for batch in BATCHES[:STEPS]:
+    for batch in BATCHES:  # host (numpy) batches: each process places its own shards
         st, metrics = ex.step(st, jax.tree.map(np.asarray, batch))
     leaves = multihost_utils.process_allgather(jax.tree.leaves(st.params), tiled=True)
     if jax.process_index() == 0:
         np.savez(sys.argv[3], *leaves)
     """
-).replace("STEPS", str(STEPS))
+)
 
 
 def _free_port() -> int:
@@ -47,9 +48,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(tmp_path):
-    import ilbp
-    from ilbp.pipeline import make_executor
-    from tests.pipeline_spmd_test import BATCHES, MODEL, OPT
+    from tests.pipeline_spmd_test import spmd_run
 
     port, out = _free_port(), tmp_path / "params.npz"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -64,16 +63,15 @@ def test_two_processes_match_one(tmp_path):
         )
         for i in range(2)
     ]
-    logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+    try:
+        logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-
-    ts = ilbp.init_train_state(MODEL, OPT, jax.random.key(0), BATCHES[0])
-    ex = make_executor(
-        "spmd", MODEL, "pairwise", OPT, microbatches=2, mesh=ilbp.make_mesh(stage=4, data=2)
-    )
-    st = ex.from_train_state(ts)
-    for batch in BATCHES[:STEPS]:
-        st, _ = ex.step(st, batch)
+    # The single-process run of the same case (cached if the SPMD tests ran first).
+    _, st, _ = spmd_run("pairwise:sum", 2, 2)
     got = np.load(out)
     for i, leaf in enumerate(jax.tree.leaves(st.params)):
         np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-7)

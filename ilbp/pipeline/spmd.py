@@ -10,8 +10,9 @@ at tick τ stage k
   2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list;
   3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
      k + 1) belongs to microbatch τ - k - 2i; lanes are buffered per microbatch;
-  4. takes the input VJPs of lanes 0..n_-2 (vmapped, each with its microbatch's
-     residuals) and sends them left as lanes 1..n_-1 (`ppermute`);
+  4. takes the input VJPs of the lanes i whose loss k + i it must send back
+     (`plan[k].sends`; vmapped, each with its microbatch's residuals) and sends them
+     left as lanes i + 1 of a NaN-filled list of n_ - 1 (`ppermute`);
   5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch
      τ - k - 2 i*(k), where i*(k) is the farthest loss stage k trains on (its last lane
      arrives this tick), and accumulates the gradient;
@@ -21,7 +22,8 @@ After M + max_k(k + 2 i*(k)) ticks each stage updates its own slot (gradient mea
 M microbatches, one update per step). Bubbles (microbatch outside [0, M), lanes whose
 loss j > K - 1) compute on NaN and are masked with `where`, never multiplied by 0, so a
 leak into real values fails the equality tests. Each step drains the pipeline (no
-overlap between steps); global's list has K - 1 lanes of which it uses one.
+overlap between steps). A stage computes only the input VJPs its plan sends (global:
+one per tick, though its list has K - 1 lanes, mostly NaN).
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class SPMDExecutor:
             [[plan.coefficient(k, k + i) for i in range(self.lanes)] for k in range(K)], np.float32
         )
         self.weights = np.array([strategy.aux_weight(k) for k in range(K - 1)] + [1.0], np.float32)
+        # Lanes each stage sends back, padded to a common width with the unused lane n_-1.
+        sends = [[j - k for j in plan[k].sends] for k in range(K)]
+        width = max(len(x) for x in sends)
+        self.send_lanes = np.array(
+            [x + [self.lanes - 1] * (width - len(x)) for x in sends], np.int32
+        ).reshape(K, width)
         self.slots = 2 * max(self.reach) + 1
         self.ticks = microbatches + max(k + 2 * r for k, r in enumerate(self.reach))
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
@@ -269,7 +277,13 @@ class SPMDExecutor:
 
             # 4. input VJPs of lanes 0..n_-2, sent left
             if n_ > 1:
-                sent = jax.vmap(lambda s, c: vjp_of(s, c)[1])(m_N[:-1] % S, list_N[:-1])
+                if self.send_lanes.shape[1]:
+                    lanes = jnp.asarray(self.send_lanes)[k]
+                    dx = jax.vmap(lambda s, c: vjp_of(s, c)[1])(m_N[lanes] % S, list_N[lanes])
+                    # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
+                    sent = jnp.full_like(cot_in, jnp.nan).at[lanes].set(dx, mode="drop")
+                else:
+                    sent = jnp.full_like(cot_in, jnp.nan)
                 perm = [(j + 1, j) for j in range(K - 1)]
                 cot_in = jax.lax.ppermute(sent, STAGE_AXIS, perm)
             # 5. parameter VJP on the combined cotangent of microbatch τ - k - 2 i*(k)
