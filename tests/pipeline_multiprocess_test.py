@@ -23,7 +23,6 @@ WORKER = textwrap.dedent(
         f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2])
     )
     import numpy as np
-    from jax.experimental import multihost_utils
     import ilbp
     from ilbp.pipeline import make_executor
     from tests.pipeline_spmd_test import BATCHES, MODEL, OPT
@@ -34,9 +33,9 @@ WORKER = textwrap.dedent(
     st = ex.from_train_state(ts)
     for batch in BATCHES:  # host (numpy) batches: each process places its own shards
         st, metrics = ex.step(st, jax.tree.map(np.asarray, batch))
-    leaves = multihost_utils.process_allgather(jax.tree.leaves(st.params), tiled=True)
+    ts = ex.to_train_state(st)  # every process all-gathers
     if jax.process_index() == 0:
-        np.savez(sys.argv[3], *leaves)
+        np.savez(sys.argv[3], *jax.tree.leaves(ts.params))
     """
 )
 
@@ -71,7 +70,7 @@ def test_two_processes_match_one(tmp_path):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     # The single-process run of the same case (cached if the SPMD tests ran first).
-    _, st, _ = spmd_run("pairwise:sum", 2, 2)
+    ex, st, _ = spmd_run("pairwise:sum", 2, 2)
     got = np.load(out)
-    for i, leaf in enumerate(jax.tree.leaves(st.params)):
+    for i, leaf in enumerate(jax.tree.leaves(ex.to_train_state(st).params)):
         np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-7)

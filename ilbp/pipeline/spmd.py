@@ -150,12 +150,21 @@ class SPMDExecutor:
         )
 
     def to_train_state(self, st: SPMDState) -> TrainState:
+        """Gathered to host (numpy) in the single-program layout; in a multi-process run
+        every process must call it (it all-gathers the stacked arrays)."""
         K, hom = self.K, self.hom
-        unstack = lambda tree, k: jax.tree.map(lambda x: np.asarray(x)[k], tree)
-        params = tuple(hom.from_uniform(unstack(st.params, k), k) for k in range(K))
-        uniform0 = unstack(st.params, 0)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            gather = lambda t: multihost_utils.process_allgather(t, tiled=True)
+        else:
+            gather = lambda t: jax.tree.map(np.asarray, t)
+        stacked_params, stacked_opt = gather((st.params, st.opt_state))
+        unstack = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+        params = tuple(hom.from_uniform(unstack(stacked_params, k), k) for k in range(K))
+        uniform0 = unstack(stacked_params, 0)
         opt = tuple(
-            self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(st.opt_state, k), uniform0)
+            self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(stacked_opt, k), uniform0)
             for k in range(K)
         )
         # Transformer stages keep no mutable state.
