@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> None:
     header += "  " + "  ".join(f"held{k}" for k in range(K))
     header += "  " + "  ".join(f"peakMB{k}" for k in range(K))
     print(header)
+    ratios = []
     for M in Ms:
         batch = make_batch(M)
         for spec in specs:
@@ -220,13 +221,19 @@ def run(args: argparse.Namespace) -> None:
                 f"{(m['state'] + m['temp'] + h * m['residual']) / 2**20:8.2f}"
                 for m, h in zip(memory, sched.in_flight)
             )
+            ratios.append(sched.period / period)
             print(
                 f"{Strategy.parse(spec).name:10} {M:>2} {period * 1e3:9.2f} "
                 f"{sched.period * 1e3:8.2f} {sched.period / period:6.2f}  {busy}  {held}  {peak}"
             )
     print(
         "(ratio = model / measured, target 0.85..1.15; busy measured = op work per step "
-        "/ measured period; held = microbatches' residuals a device holds at peak)\n"
+        "/ measured period; held = microbatches' residuals a device holds at peak)"
+    )
+    inside = sum(0.85 <= r <= 1.15 for r in ratios)
+    print(
+        f"model within 15% of measurement in {inside} of {len(ratios)} cases (needs K idle "
+        "cores: on a loaded machine the devices do not run concurrently)\n"
     )
     predictions()
 
