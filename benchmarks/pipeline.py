@@ -32,7 +32,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--strategies", default="global,local,pairwise,3wise")
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--layers", type=int, default=3, help="dense layers per stage")
-    p.add_argument("--batch", type=int, default=128, help="microbatch size")
+    p.add_argument("--batch", type=int, default=512, help="microbatch size")
     p.add_argument("--steps", type=int, default=8)
     return p.parse_args()
 
@@ -51,6 +51,7 @@ import time  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import ilbp  # noqa: E402
@@ -171,9 +172,10 @@ def run(args: argparse.Namespace) -> None:
     def make_batch(M: int):
         kx, ky = jax.random.split(jax.random.key(1))
         n = args.batch * M
+        # Host arrays: the executor slices microbatches on the host, not on device 0.
         return {
-            "inputs": jax.random.normal(kx, (n, args.width)),
-            "label": jax.random.randint(ky, (n,), 0, CLASSES),
+            "inputs": np.asarray(jax.random.normal(kx, (n, args.width))),
+            "label": np.asarray(jax.random.randint(ky, (n,), 0, CLASSES)),
         }
 
     ex0 = make_executor("mpmd", model, "pairwise", opt)
