@@ -109,9 +109,9 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
     head = [
         "strategy",
         f"test {metric} (mean ± std)",
-        f"aux-head acc (k=0..{K - 2})",
-        "step time (ms)",
-        f"pred. throughput ×global (K={K})",
+        f"aux acc (k=0..{K - 2})",
+        "step (ms)",
+        f"pred. ×global (K={K})",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -151,9 +151,10 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
             f"{len(summaries) // len(rows)} seeds; final numbers on all {s0['test_examples']} "
             "test examples. std: sample standard deviation over seeds. Step time: median "
             "of one single-program step on this machine (all stages in one jit; noisy on a "
-            "shared machine). Predicted "
-            "throughput: schedule model, one device per stage, equal stages, M="
-            f"{config.microbatches}. The plot's curve uses the first "
+            "shared machine). aux acc: each aux head's test accuracy, mean over seeds. "
+            "pred. ×global: throughput relative to global that the schedule model predicts "
+            f"with one device per stage, equal stages, M={config.microbatches}. "
+            "The plot's curve uses the first "
             f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "
             "steps; its last point is the final evaluation.",
             "",

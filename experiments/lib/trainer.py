@@ -171,10 +171,11 @@ def train_and_evaluate(
         bar.close()
         ckpts.close()
         writer.close()
-    previous_step_time = float("nan")  # a run resumed at its end keeps its measured time
+    # A run resumed at its end keeps the step time and wall time it measured.
+    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
     if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
         with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-            previous_step_time = json.load(f).get("step_time_s", previous_step_time)
+            previous.update({k: v for k, v in json.load(f).items() if k in previous})
     summary = {
         "name": config.name,
         "strategy": built.strategy.name,
@@ -185,8 +186,8 @@ def train_and_evaluate(
         "test_examples": len(test_src),
         "metric": "perplexity" if text else "accuracy",
         "test": final,
-        "step_time_s": statistics.median(step_times) if step_times else previous_step_time,
-        "wall_time_s": time.perf_counter() - wall,
+        "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
+        "wall_time_s": time.perf_counter() - wall + previous["wall_time_s"],
         "workdir": workdir,
     }
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
