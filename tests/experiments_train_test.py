@@ -167,3 +167,16 @@ def test_absl_entry_point_smoke(idx_dir, tmp_path):
     assert "fashion_mnist_resnet | local | K=2" in out.stdout
     assert "aux head 0: accuracy" in out.stdout
     assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_mpmd_executor_trains_like_the_simulated_one(idx_dir, tmp_path):
+    import jax
+
+    pipeline = pytest.importorskip("ilbp.pipeline")
+    if jax.device_count() < 3 or "mpmd" not in pipeline.EXECUTORS:
+        pytest.skip("needs ilbp.pipeline's mpmd executor and 3 devices")
+    tests = {}
+    for kind in ("simulated", "mpmd"):
+        c = fx.tiny_image_config(f"idx:{idx_dir}", f"pairwise,k=3,executor={kind}")
+        tests[kind] = trainer.train_and_evaluate(c, str(tmp_path / kind))["test"]
+    assert tests["mpmd"]["loss"] == pytest.approx(tests["simulated"]["loss"], rel=1e-5)
