@@ -20,7 +20,7 @@ stage, so that no op reads another device's memory).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -36,6 +36,9 @@ from ilbp.schedule import simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
+
+# trace(kind, k, m, loss, index in the issue order, the op's outputs on stage k)
+TraceFn = Callable[[str, int, int, int | None, int, Any], None]
 
 
 @flax.struct.dataclass
@@ -169,8 +172,17 @@ class MPMDExecutor:
         return check_batch_split(batch, self.meshes[0].shape[DATA_AXIS], self.microbatches)
 
     # One step --------------------------------------------------------------------------
-    def step(self, st: MPMDState, batch: Batch) -> tuple[MPMDState, Metrics]:
-        """Issues one step's ops (no host synchronisation); returns the new state."""
+    def step(
+        self, st: MPMDState, batch: Batch, trace: TraceFn | None = None
+    ) -> tuple[MPMDState, Metrics]:
+        """Issues one step's ops (no host synchronisation); returns the new state.
+
+        `trace`, if given, is called on the host right after each op is issued, as
+        `trace(kind, k, m, loss, index, outputs)`: the op's entry of `self.order`, its
+        position there, and the arrays it returned on stage k's devices (before any
+        send). It must not block, or it serialises the pipeline
+        (`ilbp.pipeline.trace.record_timeline` hands them to watcher threads).
+        """
         size = self._check_batch(batch)
         model, K, M = self.model, self.model.num_stages, self.microbatches
         b = size // M
@@ -205,25 +217,23 @@ class MPMDExecutor:
             if not pending[(m, k)]:
                 del vjps[(m, k)], cots[(m, k)]
 
-        for kind, k, m, j in self.order:
+        for index, (kind, k, m, j) in enumerate(self.order):
             if kind == "F":
                 x = microbatch(m, 0)[model.input_key] if k == 0 else inputs.pop((m, k))
                 args = (params[k]["stage"], stage_state[k]["stage"], x)
                 if k < K - 1:
-                    h, vjps[(m, k)], stage_state[k]["stage"] = self.forward[k](
-                        *args, st.rng[k], step[k], m
-                    )
+                    out = self.forward[k](*args, st.rng[k], step[k], m)
+                    h, vjps[(m, k)], stage_state[k]["stage"] = out
                     outputs[(m, k)] = h
                     inputs[(m, k + 1)] = jax.device_put(h, self.batch_sharding[k + 1])
                 else:
-                    vjps[(m, k)], stage_state[k]["stage"], dh, mets = self.forward[k](
-                        *args, microbatch(m, k), st.rng[k], step[k], m
-                    )
+                    out = self.forward[k](*args, microbatch(m, k), st.rng[k], step[k], m)
+                    vjps[(m, k)], stage_state[k]["stage"], dh, mets = out
                     cots.setdefault((m, k), {})[k] = dh
                     stage_metrics[k].append(mets)
             elif kind == "A":
                 g = grad_sum[k]
-                g["head"], stage_state[k]["head"], dh, mets = self.head[k](
+                out = self.head[k](
                     params[k]["head"],
                     stage_state[k]["head"],
                     outputs.pop((m, k)),
@@ -233,24 +243,26 @@ class MPMDExecutor:
                     m,
                     g["head"],
                 )
+                g["head"], stage_state[k]["head"], dh, mets = out
                 cots.setdefault((m, k), {})[k] = dh
                 stage_metrics[k].append(mets)
             elif kind == "V":
-                send_back(m, k, {j: ops.input_vjp_op(vjps[(m, k)], cots[(m, k)][j])})
+                out = ops.input_vjp_op(vjps[(m, k)], cots[(m, k)][j])
+                send_back(m, k, {j: out})
                 release(m, k)
             elif kind in ("W", "B"):
                 needed = {jj for jj, _ in self.plan[k].train_on}
                 cot = {jj: c for jj, c in cots[(m, k)].items() if jj in needed}
-                grad_sum[k]["stage"], sent = self.backward[k](
-                    vjps[(m, k)], cot, grad_sum[k]["stage"]
-                )
+                out = self.backward[k](vjps[(m, k)], cot, grad_sum[k]["stage"])
+                grad_sum[k]["stage"], sent = out
                 send_back(m, k, sent)
                 release(m, k)
             elif kind == "U":
                 grads = grad_sum[k] if k < K - 1 else {"stage": grad_sum[k]["stage"]}
-                params[k], opt_state[k], step[k], mets = self.update[k](
-                    params[k], opt_state[k], grads, step[k], stage_metrics[k]
-                )
+                out = self.update[k](params[k], opt_state[k], grads, step[k], stage_metrics[k])
+                params[k], opt_state[k], step[k], mets = out
                 metrics.update(mets)
+            if trace is not None:
+                trace(kind, k, m, j, index, out)
         new = MPMDState(tuple(step), tuple(params), tuple(stage_state), tuple(opt_state), st.rng)
         return new, metrics

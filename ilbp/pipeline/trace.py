@@ -1,0 +1,235 @@
+"""Measured MPMD timeline: when each op of `MPMDExecutor` ran, next to the model's.
+
+`record_timeline(executor, state, batch, steps=T)` runs T steps with the executor's
+tracing hook and returns one `MeasuredOp` per issued op, with the fields the schedule
+model's `Op` has for drawing (kind, stage, step, microbatch, loss, start, end; ms from
+the start of the first step's dispatch), so a Gantt chart of `Schedule.timeline` draws
+it too.
+
+Method. Nothing here makes the host wait for a device, so the pipeline runs as it does
+untraced (up to the host time the hook itself costs, about a list append and a queue put
+per op):
+- issue: the host timestamps each op right after its dispatch returns; `dispatch` is the
+  host time since the previous op's issue (its dispatch plus the executor's
+  bookkeeping and the sends issued before it).
+- completion: one watcher thread per stage takes that stage's ops in issue order and
+  blocks (`jax.block_until_ready`) on each op's outputs, then timestamps it. A device is
+  assumed to run its ops in issue order, so blocking in that order observes each
+  completion once it has happened. The timestamp is an upper bound: a watcher still
+  waiting for the previous op, or for the GIL, sees a completion late (the switch
+  interval is lowered while recording to shorten the GIL wait).
+- end: the observed completion, tightened by the model's two facts: an op cannot finish
+  after an op that consumes its outputs finishes (its dependents in the schedule
+  graph: same-step data edges, U(t-1) → F(t) and the executor's issue-order edges),
+  nor after the op its device runs next. Each end stays an upper bound on the true one.
+- start: not observable without a device profiler, so derived as the latest of the
+  op's issue, the end of the op its device ran before it, and the ends of the ops it
+  depends on in the schedule graph (`ilbp.schedule.simulate` with the executor's options
+  and T steps). A bar therefore spans the op's run plus whatever else delayed it once
+  its inputs and its device looked free: a transfer, a core taken by another device or
+  the host, a late timestamp. An idle gap is time when the device had nothing issued
+  whose inputs had been seen ready.
+
+Assumptions and what breaks them:
+- In-order devices: as on a GPU's compute stream. XLA:CPU may run two independent
+  computations of one device concurrently on its thread pool; the chart then still
+  serialises them, attributing the overlap to the later op.
+- Transfers (`jax.device_put` of activations and cotangents) are not ops here: a
+  consumer's bar includes the wait for its input's copy.
+- Concurrency needs cores: on a host with fewer cores than devices plus one (the
+  dispatching thread), devices time-share and the measured ops run longer than they do
+  alone; the timeline shows that contention, not the schedule's intrinsic shape.
+- Compile first (run one untraced step): compilation happens in dispatch and would
+  dominate the first step's chart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from ilbp.pipeline.mpmd import MPMDExecutor, MPMDState
+from ilbp.schedule import simulate
+from ilbp.stage import Batch
+
+__all__ = ["MeasuredOp", "record_timeline", "summarize"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredOp:
+    """One issued op of a traced run; times in ms from the start of the first dispatch.
+
+    Attributes:
+      kind, stage, step, microbatch, loss: as in `ilbp.schedule.Op` (microbatch -1 for U).
+      issued: when its dispatch returned on the host.
+      dispatch: host time since the previous op's issue (or the step's call).
+      completed: when its watcher saw its outputs ready (upper bound on completion).
+      start, end: derived run interval on its device (module docstring).
+      deps: indices (in the returned list) of the ops it depends on in the schedule graph.
+    """
+
+    kind: str
+    stage: int
+    step: int
+    microbatch: int
+    loss: int | None
+    issued: float
+    dispatch: float
+    completed: float
+    start: float
+    end: float
+    deps: tuple[int, ...]
+
+    @property
+    def cost(self) -> float:
+        """Its derived duration (ms)."""
+        return self.end - self.start
+
+    @property
+    def name(self) -> str:
+        j = "" if self.loss is None else f"[{self.loss}]"
+        m = "" if self.microbatch < 0 else f",m{self.microbatch}"
+        return f"{self.kind}{j}(t{self.step}{m},k{self.stage})"
+
+
+def record_timeline(
+    executor: MPMDExecutor,
+    state: MPMDState,
+    batch: Batch,
+    steps: int = 1,
+    *,
+    switch_interval: float = 1e-4,
+) -> tuple[MPMDState, list[MeasuredOp]]:
+    """Runs `steps` traced steps on `batch`; returns the new state and the timeline.
+
+    The state is what as many untraced `executor.step` calls return. `switch_interval`
+    (seconds) is the interpreter's thread switch interval while recording, so that a
+    watcher woken by a completion gets the GIL soon; the old value is restored.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1; got {steps!r}.")
+    K = executor.model.num_stages
+    issued: list[tuple[str, int, int, int | None, int, float, float]] = []
+    completed: list[float] = []  # per issued op; filled in by the watchers
+    errors: list[BaseException] = []
+    queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(K)]
+
+    def watch(q: queue.SimpleQueue) -> None:
+        while (item := q.get()) is not None:
+            i, outputs = item
+            try:
+                jax.block_until_ready(outputs)
+            except BaseException as e:  # re-raised on the caller's thread
+                errors.append(e)
+            completed[i] = time.perf_counter()
+
+    watchers = [
+        threading.Thread(target=watch, args=(q,), name=f"ilbp-trace-{k}", daemon=True)
+        for k, q in enumerate(queues)
+    ]
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval)
+    for w in watchers:
+        w.start()
+    t0 = last = time.perf_counter()  # t = 0: the first step's call
+    t = 0  # the step being issued, read by `trace`
+
+    def trace(kind: str, k: int, m: int, loss: int | None, _: int, outputs: Any) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        issued.append((kind, k, m, loss, t, now, now - last))
+        completed.append(float("nan"))
+        queues[k].put((len(issued) - 1, outputs))
+        last = now
+
+    try:
+        for i in range(steps):
+            t, last = i, time.perf_counter()
+            state, _ = executor.step(state, batch, trace=trace)
+    finally:
+        for q in queues:
+            q.put(None)
+        for w in watchers:
+            w.join()
+        sys.setswitchinterval(old_interval)
+    if errors:
+        raise errors[0]
+    # Host seconds to ms from t0.
+    issued = [(*op, (when - t0) * 1e3, gap * 1e3) for *op, when, gap in issued]
+    return state, _derive(executor, steps, issued, [(c - t0) * 1e3 for c in completed])
+
+
+def _derive(
+    executor: MPMDExecutor,
+    steps: int,
+    issued: Sequence[tuple[str, int, int, int | None, int, float, float]],
+    completed: Sequence[float],
+) -> list[MeasuredOp]:
+    """Ends tightened through dependents, starts from issue, device order and deps."""
+    K, M = executor.model.num_stages, executor.microbatches
+    # The executor's issue order comes from this model (steps=1, fused backward).
+    graph = simulate(executor.strategy, K, M, steps=steps, fused_backward=True).timeline
+    key = lambda kind, k, t, m, loss: (kind, k, t, m, loss)
+    index = {key(kind, k, t, m, loss): i for i, (kind, k, m, loss, t, _, _) in enumerate(issued)}
+    if len(index) != len(issued) or len(graph) != len(issued):
+        raise RuntimeError(
+            f"Traced {len(issued)} ops ({len(index)} distinct), the schedule model has "
+            f"{len(graph)}: the executor's order and the model disagree."
+        )
+    deps: list[tuple[int, ...]] = [()] * len(issued)
+    for op in graph:
+        i = index[key(op.kind, op.stage, op.step, op.microbatch, op.loss)]
+        deps[i] = tuple(
+            sorted(index[key(d.kind, d.stage, d.step, d.microbatch, d.loss)] for d, _ in op.deps)
+        )
+        if any(d >= i for d in deps[i]):
+            raise RuntimeError(f"{op.name} was issued before an op it depends on.")
+    # Each op's previous op on its device, and everything that must finish after it.
+    prev: list[int | None] = []
+    last_on: list[int | None] = [None] * K
+    for i, (_, k, *_) in enumerate(issued):
+        prev.append(last_on[k])
+        last_on[k] = i
+    after: list[list[int]] = [[] for _ in issued]
+    for i in range(len(issued)):
+        for d in deps[i]:
+            after[d].append(i)
+        if prev[i] is not None:
+            after[prev[i]].append(i)
+    end = list(completed)
+    for i in reversed(range(len(issued))):  # dependents come later in issue order
+        end[i] = min([completed[i]] + [end[u] for u in after[i]])
+    out = []
+    for i, (kind, k, m, loss, t, when, gap) in enumerate(issued):
+        before = [end[d] for d in deps[i]] + ([end[prev[i]]] if prev[i] is not None else [])
+        start = max([when, *before])
+        out.append(MeasuredOp(kind, k, t, m, loss, when, gap, completed[i], start, end[i], deps[i]))
+    return out
+
+
+def summarize(ops: Sequence[MeasuredOp], num_stages: int) -> tuple[float, tuple[float, ...]]:
+    """(period, busy) as `ilbp.schedule.Schedule` defines them, from a measured timeline.
+
+    period: mean gap between the completions of the later half of the steps (ms; the
+    last step's end for one step); busy: per device, its derived op time per steady
+    step over the period.
+    """
+    T = 1 + max(o.step for o in ops)
+    done = [0.0] * T
+    for o in ops:
+        done[o.step] = max(done[o.step], o.end)
+    first = (T - 1) // 2
+    period = done[0] if T == 1 else (done[T - 1] - done[first]) / (T - 1 - first)
+    work = [0.0] * num_stages
+    for o in ops:
+        if o.step > first or T == 1:
+            work[o.stage] += o.cost
+    steady = max(T - 1 - first, 1)
+    return period, tuple(w / steady / period if period > 0 else 0.0 for w in work)
