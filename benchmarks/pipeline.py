@@ -98,8 +98,11 @@ def _nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure_ops(ex, ts: ilbp.TrainState, batch) -> tuple[CostModel, list[dict]]:
-    """Per-stage op times (seconds) and memory (bytes) on the stage's own device."""
+def measure_ops(
+    ex, ts: ilbp.TrainState, batch
+) -> tuple[CostModel, dict[str, list[float]], list[dict]]:
+    """Per-stage op times and memory on the stage's own device: (the cost model in
+    seconds, the raw per-op seconds by kind, per-stage memory in bytes)."""
     model, K = ex.model, ex.model.num_stages
     rng, step = ts.rng, ts.step
     x = batch[model.input_key]

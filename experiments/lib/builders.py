@@ -21,6 +21,7 @@ import optax
 import ilbp
 from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
+from ilbp.pipeline import make_executor
 from ilbp.stage import StagedModel
 
 EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
@@ -152,39 +153,17 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> St
     return transformer_lm(lm, K)
 
 
-class LocalExecutor:
-    """The "simulated" executor without `ilbp.pipeline`: one jitted program for all stages."""
+def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+    """The (stage, data) mesh for `config.data_parallel` > 1, else None.
 
-    def __init__(self, model, strategy, optimizer, *, microbatches=1, mesh=None):
-        self.model, self.optimizer, self.mesh = model, optimizer, mesh
-        self._step = ilbp.make_train_step(
-            model, strategy, optimizer, mesh=mesh, microbatches=microbatches
-        )
-
-    def init(self, rng: jax.Array, batch: dict) -> ilbp.TrainState:
-        return ilbp.init_train_state(self.model, self.optimizer, rng, batch, mesh=self.mesh)
-
-    def step(self, state: ilbp.TrainState, batch: dict) -> tuple[ilbp.TrainState, dict]:
-        return self._step(state, batch)
-
-    def to_train_state(self, state: ilbp.TrainState) -> ilbp.TrainState:
-        return state
-
-    def from_train_state(self, ts: ilbp.TrainState) -> ilbp.TrainState:
-        return ts
-
-
-def _make_executor(kind: str, model, strategy, optimizer, *, microbatches: int, mesh) -> Any:
-    try:
-        from ilbp.pipeline import make_executor
-    except ImportError as e:
-        if kind != "simulated":
-            raise ValueError(
-                f"executor={kind!r} needs ilbp.pipeline, which this checkout does not have "
-                f"({e}); use executor='simulated'."
-            ) from e
-        return LocalExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
-    return make_executor(kind, model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
+    The pipelined executors put stage k on row k, so their mesh has K rows; the
+    single-program executor replicates every stage over a one-row mesh.
+    """
+    data_parallel = int(config.data_parallel)
+    if data_parallel <= 1:
+        return None
+    stages = 1 if config.executor == "simulated" else int(config.num_stages)
+    return ilbp.make_mesh(data=data_parallel, stage=stages)
 
 
 @dataclasses.dataclass
@@ -242,8 +221,8 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Built:
     if key not in _CACHE:
         model = build_model(config, info)
         strategy = build_strategy(config)
-        mesh = ilbp.make_mesh(data=int(config.data_parallel)) if config.data_parallel > 1 else None
-        executor = _make_executor(
+        mesh = build_mesh(config)
+        executor = make_executor(
             config.executor,
             model,
             strategy,
