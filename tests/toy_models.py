@@ -56,6 +56,10 @@ class NNXDense(nnx.Module):
             din, dout, use_bias=False, rngs=rngs, param_dtype=dtype, dtype=dtype
         )
         self.norm = nnx.BatchNorm(dout, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        # nnx.BatchNorm keeps float32 statistics whatever param_dtype says; float64 tests
+        # need them in the stage's dtype.
+        self.norm.mean = nnx.BatchStat(jnp.zeros(dout, dtype))
+        self.norm.var = nnx.BatchStat(jnp.ones(dout, dtype))
 
     def __call__(self, x):
         return nnx.relu(self.norm(self.linear(x.reshape(x.shape[0], -1))))
