@@ -12,13 +12,14 @@ STAGE_AXIS = "stage"
 def make_mesh(data: int | None = None, stage: int = 1) -> Mesh:
     """A mesh with axes ("stage", "data") over the first stage·data devices.
 
-    `data=None` takes every device left after the stage axis. Axes are Auto so that
-    jit propagates shardings (jax.make_mesh defaults to Explicit).
+    `data=None` spreads the stage axis over every device, which must then divide evenly.
+    Axes are Auto so that jit propagates shardings (jax.make_mesh defaults to Explicit).
     """
     count = jax.device_count()
-    if stage < 1 or count % stage:
+    if stage < 1 or (data is None and count % stage):
         raise ValueError(
-            f"The stage axis ({stage}) must be ≥ 1 and divide the {count} available devices."
+            f"The stage axis ({stage}) must be ≥ 1 and divide the {count} available devices "
+            "(or give `data` to use stage·data of them)."
         )
     data = count // stage if data is None else data
     if data < 1 or stage * data > count:
