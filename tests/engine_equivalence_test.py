@@ -6,19 +6,16 @@ tiny models is much cheaper than compiling each one.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import ilbp
-from tests import toy_models
+from tests import toy_models, tree_asserts
 
 RULES = ("last", "sum", "mean")
 
 
-def assert_trees_close(a, b, rtol=1e-9, atol=1e-12, what=""):
-    jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=what), a, b
-    )
+def assert_trees_close(a, b, what=""):
+    tree_asserts.assert_trees_close(a, b, rtol=1e-9, atol=1e-12, what=what)
 
 
 def setup(K: int, seed: int = 0):

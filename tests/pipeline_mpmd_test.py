@@ -11,6 +11,7 @@ import ilbp
 from ilbp.pipeline import make_executor
 from ilbp.pipeline.mpmd import issue_order
 from tests import toy_models as tm
+from tests.tree_asserts import assert_trees_close
 
 STRATEGIES = ("global", "local", "pairwise", "3wise", "pairwise:sum")
 K = 4
@@ -48,13 +49,7 @@ def _assert_placed(ex, st) -> None:
 
 def _assert_same(a: ilbp.TrainState, b: ilbp.TrainState) -> None:
     for field in ("params", "state", "opt_state"):
-        jax.tree.map(
-            lambda x, y, f=field: np.testing.assert_allclose(
-                np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7, err_msg=f
-            ),
-            getattr(a, field),
-            getattr(b, field),
-        )
+        assert_trees_close(getattr(a, field), getattr(b, field), 1e-5, 1e-7, field)
     assert int(a.step) == int(b.step) == STEPS
 
 

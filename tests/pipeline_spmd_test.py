@@ -13,6 +13,7 @@ import ilbp
 from ilbp.models import TransformerConfig, transformer_lm
 from ilbp.pipeline import make_executor
 from ilbp.pipeline.homogeneous import PROLOGUE
+from tests.tree_asserts import assert_trees_close
 
 STRATEGIES = ("global", "local", "pairwise", "3wise", "pairwise:sum")
 K = 4
@@ -75,13 +76,7 @@ def run_both(spec: str, microbatches: int, initial, data: int = 1):
 
 def assert_same(ts: ilbp.TrainState, rs: ilbp.TrainState) -> None:
     for field in ("params", "opt_state"):
-        jax.tree.map(
-            lambda x, y, f=field: np.testing.assert_allclose(
-                np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7, err_msg=f
-            ),
-            getattr(ts, field),
-            getattr(rs, field),
-        )
+        assert_trees_close(getattr(ts, field), getattr(rs, field), 1e-5, 1e-7, field)
     assert int(ts.step) == int(rs.step) == STEPS
 
 
