@@ -57,7 +57,13 @@ import optax  # noqa: E402
 import ilbp  # noqa: E402
 from ilbp.pipeline import make_executor  # noqa: E402
 from ilbp.pipeline import mpmd_ops as ops  # noqa: E402
-from ilbp.schedule import CostModel, render_table, simulate, throughput_table  # noqa: E402
+from ilbp.schedule import (  # noqa: E402
+    CostModel,
+    render_table,
+    simulate,
+    stage_work,
+    throughput_table,
+)
 from ilbp.strategy import StagePlan, Strategy  # noqa: E402
 
 CLASSES = 10
@@ -263,10 +269,39 @@ def predictions() -> None:
                 f"aux={aux}: K={K:2}: pairwise/global throughput at M=1 {g / p:.3f} "
                 f"(target ≥ 0.9·(2K+1)/5 = {target:.3f}: {'ok' if g / p >= target else 'MISS'}); "
                 f"pairwise busy at M=4 mean {busy:.3f} ({'ok' if busy >= 0.85 else 'MISS'}), "
-                f"min {low:.3f} (stage 0 has no input VJP to do)"
+                f"min {low:.3f} (the end stages do 3F per microbatch, the others 4F)"
             )
     print()
+    work_balanced()
     frontier()
+
+
+def work_balanced() -> None:
+    """Pairwise with stages cut by training work (`stage_work`), not by forward cost."""
+    print(
+        "Pairwise, stages cut to equal training work (forward of stage k ∝ 1/stage_work; "
+        "same total forward; balance='work' in ilbp.models.resnet):"
+    )
+    for K in (4, 8, 16, 32):
+        work = stage_work("pairwise", K)
+        scale = K / sum(1.0 / w for w in work)
+        fwd = [scale / w for w in work]
+        costs = CostModel(
+            forward=fwd, input_vjp=fwd, param_vjp=[2 * f for f in fwd], param_vjp_shared=fwd
+        )
+        cells = []
+        for M, cap in ((1, "window"), (4, "window"), (4, 3), (8, "window")):
+            even = simulate("pairwise", K, M, steps=8)
+            cut = simulate("pairwise", K, M, steps=8, costs=costs, max_in_flight=cap)
+            cells.append(
+                f"M={M}{', hold 3' if cap == 3 else ''}: busy min {min(even.busy):.2f} → "
+                f"{min(cut.busy):.2f}, throughput ×{even.period / cut.period:.3f}"
+            )
+        print(f"  K={K:2}: " + "; ".join(cells))
+    print(
+        "  (→: from equal forwards, holding 2 microbatches, to work-balanced stages; "
+        "'hold 3': the balanced stages may hold 3 microbatches' residuals)\n"
+    )
 
 
 def frontier() -> None:

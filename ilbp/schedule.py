@@ -37,6 +37,7 @@ __all__ = [
     "Schedule",
     "render_table",
     "simulate",
+    "stage_work",
     "throughput_table",
 ]
 
@@ -165,6 +166,34 @@ def simulate(
             work[o.stage] += o.cost
     busy = tuple(w / max(T - 1 - first, 1) / period if period > 0 else 0.0 for w in work)
     return Schedule(strategy, K, M, T, ops, period, busy, _in_flight(ops, K))
+
+
+def stage_work(
+    strategy: Strategy | str,
+    num_stages: int,
+    costs: CostModel | None = None,
+    *,
+    fused_backward: bool = False,
+) -> tuple[float, ...]:
+    """Per device, the work one microbatch gives it under `strategy`: the summed cost of
+    its F, A, V and W (or B) ops, without the once-per-step update.
+
+    With the default unit costs (DESIGN.md §3, free aux heads) this is each stage's work
+    in units of its own forward: pairwise gives 3F to the end stages (no input VJP to
+    send at stage 0; one fused backward at stage K-1) and 4F to the middle ones. A split
+    that equalises these, not the forwards, lets every device be busy at once
+    (`ilbp.models.balance_split(stage_weights=...)`).
+    """
+    if isinstance(strategy, str):
+        strategy = Strategy.parse(strategy)
+    costs = CostModel() if costs is None else costs
+    _check_costs(costs, num_stages)
+    ops = build_graph(strategy.plan(num_stages), 1, 1, costs, fused_backward=fused_backward)
+    work = [0.0] * num_stages
+    for o in ops:
+        if o.kind != "U":
+            work[o.stage] += o.cost
+    return tuple(work)
 
 
 def _caps(

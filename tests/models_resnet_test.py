@@ -134,21 +134,23 @@ def test_fashion_mnist_shapes():
         assert model.check_shapes(x)[-1].shape == (2, 10)
 
 
-def test_balance_split_is_optimal():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_balance_split_is_optimal(weighted):
     rng = np.random.default_rng(0)
     for _ in range(20):
         n, K = int(rng.integers(1, 8)), int(rng.integers(1, 4))
         if n < K:
             continue
         units, heads = rng.uniform(0, 10, n), rng.uniform(0, 3, n)
-        split = models.balance_split(units, K, heads)
+        weights = rng.uniform(0.5, 4, K) if weighted else np.ones(K)
+        split = models.balance_split(units, K, heads, stage_weights=weights if weighted else None)
         assert sum(split) == n and len(split) == K and min(split) >= 1
 
-        def worst(counts, units=units, heads=heads, K=K):
+        def worst(counts, units=units, heads=heads, K=K, weights=weights):
             ends = np.cumsum(counts)
             starts = ends - counts
             return max(
-                units[a:b].sum() + (heads[b - 1] if k < K - 1 else 0)
+                weights[k] * units[a:b].sum() + (heads[b - 1] if k < K - 1 else 0)
                 for k, (a, b) in enumerate(zip(starts, ends))
             )
 
@@ -178,6 +180,25 @@ def test_flops_balanced_split_of_resnet20():
     # The authors' head costs 2.4x the whole trunk at 32x32x16 and 0.2x at 8x8x64, so
     # the cut moves to where the head is cheap (after block_6, in the 64-channel group).
     assert models.resnet_split(config, 2, aux_head="conv128_bn_conv64_bn_gbpl_fc") == (8, 3)
+
+
+def test_work_balanced_split_gives_pairwise_end_stages_more_units():
+    # Pairwise work per forward unit is 3, 4, 4, 3 (ilbp.schedule.stage_work): on 12
+    # equal units the work-balanced cut gives the end stages 4 units, the middle ones 2.
+    assert models.balance_split([1.0] * 12, 4, stage_weights=(3, 4, 4, 3)) == (4, 2, 2, 4)
+    config = models.ResNetConfig.cifar(32)  # 17 units
+    by_flops = models.resnet_split(config, 4)
+    by_work = models.resnet_split(config, 4, balance="work", strategy="pairwise")
+    assert by_work != by_flops and by_work[0] > by_flops[0]
+    # Global's work is 3F on every stage: the same cut as balancing forward FLOPs
+    # (heads weigh 3x in both, being fwd + bwd, so nothing moves).
+    assert models.resnet_split(config, 4, balance="work", strategy="global") == by_flops
+    with pytest.raises(ValueError, match="needs the strategy"):
+        models.resnet_split(config, 4, balance="work")
+    with pytest.raises(ValueError, match="Unknown balance"):
+        models.resnet_split(config, 4, balance="time")
+    with pytest.raises(ValueError, match="stage_weights needs K=2 positive"):
+        models.balance_split([1.0] * 4, 2, stage_weights=(1.0, 0.0))
 
 
 def test_bfloat16_compute_float32_params():

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from ilbp.schedule import CostModel, Op, render_table, simulate, throughput_table
+from ilbp.schedule import CostModel, Op, render_table, simulate, stage_work, throughput_table
 from ilbp.strategy import Strategy
 
 EPS = 1e-9
@@ -132,6 +132,33 @@ def test_pairwise_targets(K):
     # End stages do 3F per microbatch: busy 0.75 < 0.85 from less work, not waiting.
     assert four.busy[0] == pytest.approx(0.75)
     assert sum(four.busy) / K >= 0.85
+
+
+@pytest.mark.parametrize("K", [2, 4, 8])
+def test_stage_work(K):
+    for spec in ("global", "local"):
+        assert stage_work(spec, K) == (3.0,) * K
+    ends = (3.0,) if K > 1 else ()
+    assert stage_work("pairwise", K) == (3.0, *(4.0,) * (K - 2), *ends)
+    # The cotangents a stage sends are counted once whichever way its backward runs.
+    assert stage_work("pairwise", K, fused_backward=True) == stage_work("pairwise", K)
+    assert stage_work("local", K, CostModel(aux=0.5))[: K - 1] == (3.5,) * (K - 1)
+
+
+@pytest.mark.parametrize("K", [4, 8])
+def test_work_balanced_stages_keep_every_device_busy(K):
+    # Forwards inversely proportional to stage_work make every device's work equal.
+    work = stage_work("pairwise", K)
+    forward = [1.0 / w for w in work]
+    costs = CostModel(
+        forward=forward,
+        input_vjp=forward,
+        param_vjp=[2 * f for f in forward],
+        param_vjp_shared=forward,
+    )
+    assert len(set(stage_work("pairwise", K, costs))) == 1
+    busy = simulate("pairwise", K, 4, steps=8, costs=costs).busy
+    assert min(busy) >= 0.9 and max(busy) - min(busy) < 1e-9
 
 
 # Validity on random configurations ------------------------------------------------------

@@ -138,7 +138,9 @@ def resnet_model(
             shortcut=shortcut,
             norm="batch",
             aux_head=aux_head,
-            balance="flops",  # split into K stages of equal forward FLOPs
+            # Split into K stages of equal forward FLOPs; "work": of equal training work
+            # under the config's strategy (moves the aux heads per strategy).
+            balance="flops",
         )
     )
 

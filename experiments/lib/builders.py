@@ -21,6 +21,7 @@ import optax
 import ilbp
 from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
+from ilbp.models.resnet_stages import BALANCES
 from ilbp.pipeline import make_executor
 from ilbp.stage import StagedModel
 
@@ -44,6 +45,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown executor {config.executor!r}; choose one of {EXECUTORS}.")
     if config.model.kind not in MODEL_KINDS:
         raise ValueError(f"Unknown model kind {config.model.kind!r}; choose one of {MODEL_KINDS}.")
+    if config.model.kind == "resnet" and config.model.balance not in BALANCES:
+        raise ValueError(
+            f"Unknown model.balance {config.model.balance!r}; choose one of {BALANCES}."
+        )
     if config.optimizer.name not in OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {config.optimizer.name!r}; choose one of {OPTIMIZERS}."
@@ -138,6 +143,7 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> St
             num_classes=info.num_classes,
             input_shape=tuple(info.example_shape),
             balance=m.balance,
+            strategy=build_strategy(config),
         )
     if info.kind != "text":
         raise ValueError(f"A Transformer LM needs text data; {config.dataset!r} is {info.kind}.")
@@ -230,7 +236,9 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Built:
             microbatches=int(config.microbatches),
             mesh=mesh,
         )
-        model_key = json.dumps([model_fields(config, info), int(config.num_stages)], sort_keys=True)
+        # The stages' names say where the cuts are (balance="work" moves them per strategy).
+        cuts = [stage.name for stage in model.stages]
+        model_key = json.dumps([model_fields(config, info), cuts], sort_keys=True)
         eval_step = ilbp.make_eval_step(model, mesh=mesh)
         _CACHE[key] = Built(model, model_key, strategy, executor, eval_step)
     return _CACHE[key]

@@ -9,10 +9,15 @@ import jax
 import jax.numpy as jnp
 
 from ilbp.losses import classification_loss
+from ilbp.schedule import stage_work
 from ilbp.models.heads import ConvHead, parse_head
 from ilbp.models.resnets import ResNetConfig, ResNetUnits
 from ilbp.models.splitting import balance_split, check_num_stages, flops, parse_blocks_per_stage
 from ilbp.stage import LossFn, StagedModel, from_linen
+from ilbp.strategy import Strategy
+
+Balance = Literal["flops", "work", "units"]
+BALANCES: tuple[str, ...] = ("flops", "work", "units")
 
 
 def resnet_unit_flops(
@@ -58,16 +63,22 @@ def resnet_split(
     num_stages: int | None = None,
     *,
     blocks_per_stage: str | Sequence[int | str] | None = None,
-    balance: Literal["flops", "units"] = "flops",
+    balance: Balance = "flops",
     num_classes: int = 10,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     aux_head: str | None = "gbpl_fc",
+    strategy: Strategy | str | None = None,
 ) -> tuple[int, ...]:
     """Units per stage: `blocks_per_stage` if given, else balanced for `num_stages`.
 
     balance="flops" minimises the largest stage's forward FLOPs (its units plus its aux
-    head; see `resnet_unit_flops`); "units" gives every stage the same number of units
-    (± 1). Raises ValueError for an impossible split.
+    head; see `resnet_unit_flops`). "work" minimises the largest stage's training work
+    per microbatch under `strategy` (required): its forward FLOPs times
+    `ilbp.schedule.stage_work` in forward units (e.g. 3, 4, 4, 3 for pairwise at K = 4)
+    plus three times its head's (forward and backward); the split then depends on the
+    strategy, so aux heads sit at different depths for different strategies. "units"
+    gives every stage the same number of units (± 1). Raises ValueError for an
+    impossible split.
     """
     n = config.num_units
     if blocks_per_stage is not None:
@@ -82,12 +93,17 @@ def resnet_split(
     check_num_stages(num_stages, n, "units (stem + blocks + classifier)")
     if balance == "units":
         return tuple(n // num_stages + (k < n % num_stages) for k in range(num_stages))
-    if balance != "flops":
-        raise ValueError(f"Unknown balance {balance!r}; choose 'flops' or 'units'.")
+    if balance not in BALANCES:
+        raise ValueError(f"Unknown balance {balance!r}; choose one of {BALANCES}.")
+    if balance == "work" and strategy is None:
+        raise ValueError("balance='work' needs the strategy whose work it balances.")
     if num_stages == 1:
         return (n,)
     units, heads = resnet_unit_flops(config, num_classes, input_shape, aux_head)
-    return balance_split(units, num_stages, heads)
+    if balance == "flops":
+        return balance_split(units, num_stages, heads)
+    weights = stage_work(strategy, num_stages)
+    return balance_split(units, num_stages, [3.0 * h for h in heads], stage_weights=weights)
 
 
 def resnet(
@@ -98,7 +114,8 @@ def resnet(
     aux_head: str = "gbpl_fc",
     num_classes: int = 10,
     input_shape: tuple[int, int, int] = (32, 32, 3),
-    balance: Literal["flops", "units"] = "flops",
+    balance: Balance = "flops",
+    strategy: Strategy | str | None = None,
     loss: LossFn | None = None,
     aux_loss: LossFn | None = None,
     input_key: str = "inputs",
@@ -119,6 +136,7 @@ def resnet(
         num_classes=num_classes,
         input_shape=input_shape,
         aux_head=aux_head,
+        strategy=strategy,
     )
     names = config.unit_names()
     stages, heads, start = [], [], 0

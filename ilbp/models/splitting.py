@@ -75,24 +75,34 @@ def balance_split(
     unit_costs: Sequence[float],
     num_stages: int,
     head_costs: Sequence[float] | None = None,
+    stage_weights: Sequence[float] | None = None,
 ) -> tuple[int, ...]:
     """Contiguous split of units into K stages that minimises the most expensive stage.
 
-    The cost of a stage holding units a..b is sum(unit_costs[a..b]) plus, for every
-    stage but the last, head_costs[b] (its aux head sits on unit b's output). Among the
-    splits with the least maximum, the one with the least sum of squared stage costs
-    (the other stages as even as they can be). Exact dynamic programmes, O(K N²).
+    The cost of stage k holding units a..b is stage_weights[k] · sum(unit_costs[a..b])
+    plus, for every stage but the last, head_costs[b] (its aux head sits on unit b's
+    output). Weights (default all 1) say how much work a unit of cost 1 gives stage k:
+    e.g. `ilbp.schedule.stage_work`, because under interlocking backprop a middle stage
+    does more backward work per forward FLOP than the end stages. Among the splits with
+    the least maximum, the one with the least sum of squared stage costs (the other
+    stages as even as they can be). Exact dynamic programmes, O(K N²).
     """
     n = len(unit_costs)
     check_num_stages(num_stages, n)
     K = int(num_stages)
     heads = [float(c) for c in head_costs] if head_costs is not None else [0.0] * n
+    weights = [1.0] * K if stage_weights is None else [float(w) for w in stage_weights]
+    if len(weights) != K or not all(w > 0 for w in weights):
+        raise ValueError(
+            f"stage_weights needs K={K} positive numbers, one per stage; got {stage_weights!r}."
+        )
     prefix = [0.0]
     for c in unit_costs:
         prefix.append(prefix[-1] + float(c))
 
-    def stage_cost(j: int, i: int, last: bool) -> float:  # Units j..i-1.
-        return prefix[i] - prefix[j] + (0.0 if last else heads[i - 1])
+    def stage_cost(j: int, i: int, k: int) -> float:  # Units j..i-1 as stage k.
+        head = 0.0 if k == K - 1 else heads[i - 1]
+        return weights[k] * (prefix[i] - prefix[j]) + head
 
     def solve(combine, cap: float) -> tuple[float, list[int]]:
         # best[k][i]: least combined cost of units 0..i-1 in k stages, each ≤ cap.
@@ -101,10 +111,9 @@ def balance_split(
         cut = [[0] * (n + 1) for _ in range(K + 1)]
         best[0][0] = 0.0
         for k in range(1, K + 1):
-            last = k == K
-            for i in range(n if last else k, n + 1):
+            for i in range(n if k == K else k, n + 1):
                 for j in range(k - 1, i):
-                    cost = stage_cost(j, i, last)
+                    cost = stage_cost(j, i, k - 1)
                     if cost <= cap and best[k - 1][j] < inf:
                         value = combine(best[k - 1][j], cost)
                         if value < best[k][i]:
