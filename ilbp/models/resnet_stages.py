@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from ilbp.losses import classification_loss
-from ilbp.schedule import stage_work
 from ilbp.models.heads import ConvHead, parse_head
 from ilbp.models.resnets import ResNetConfig, ResNetUnits
 from ilbp.models.splitting import balance_split, check_num_stages, flops, parse_blocks_per_stage
+from ilbp.schedule import stage_work
 from ilbp.stage import LossFn, StagedModel, from_linen
 from ilbp.strategy import Strategy
 
