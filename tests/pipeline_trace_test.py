@@ -11,7 +11,8 @@ import pytest
 
 import ilbp
 from ilbp.pipeline import make_executor
-from ilbp.pipeline.trace import record_timeline, summarize
+from ilbp.pipeline.trace import MeasuredOp, in_run_costs, record_timeline, summarize
+from ilbp.schedule import CostModel, simulate
 from tests import toy_models as tm
 
 K, M, STEPS = 3, 2, 2
@@ -91,3 +92,33 @@ def test_steps_must_be_positive():
     ex = make_executor("mpmd", MODEL, "local", OPT)
     with pytest.raises(ValueError, match="steps"):
         record_timeline(ex, None, BATCH, steps=0)
+
+
+@pytest.mark.parametrize("spec", ["global", "local", "pairwise", "3wise"])
+def test_in_run_costs_recover_the_costs_a_timeline_ran_with(spec):
+    # A model timeline, read as if measured: its op costs and its period come back.
+    costs = CostModel(
+        forward=(1.0, 2.0, 1.5),
+        aux=(0.3, 0.2, 0.0),
+        input_vjp=(0.0, 1.1, 0.9),
+        param_vjp=(2.5, 3.0, 2.0),
+        param_vjp_shared=(1.2, 1.4, 1.0),
+        update=(0.1, 0.2, 0.1),
+    )
+    truth = simulate(spec, K, M, steps=4, costs=costs, fused_backward=True)
+    as_measured = [
+        MeasuredOp(
+            o.kind, o.stage, o.step, o.microbatch, o.loss, o.start, 0.0, o.end, o.start, o.end, ()
+        )
+        for o in truth.timeline
+    ]
+    recovered = in_run_costs(as_measured, K)
+    again = simulate(spec, K, M, steps=4, costs=recovered, fused_backward=True)
+    assert again.period == pytest.approx(truth.period)
+    assert again.busy == pytest.approx(truth.busy)
+    for kind in ("F", "A", "U"):
+        assert [recovered.of(kind, k) for k in range(K)] == pytest.approx(
+            [costs.of(kind, k) if kind != "A" or k < K - 1 else 0.0 for k in range(K)]
+        )
+    with pytest.raises(ValueError, match="record more steps"):
+        in_run_costs(as_measured, K, skip_steps=4)

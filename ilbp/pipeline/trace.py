@@ -38,7 +38,11 @@ Assumptions and what breaks them:
   consumer's bar includes the wait for its input's copy.
 - Concurrency needs cores: on a host with fewer cores than devices plus one (the
   dispatching thread), devices time-share and the measured ops run longer than they do
-  alone; the timeline shows that contention, not the schedule's intrinsic shape.
+  alone; the timeline shows that contention, not the schedule's intrinsic shape. On
+  XLA:CPU (jax 0.10) all CPU devices also share one intra-op thread pool, so an op
+  alone may use several cores and slow down beside another device's op whatever the
+  core count. `in_run_costs` gives the model the costs the ops had in the run itself,
+  which separates that slowdown from the schedule.
 - Compile first (run one untraced step): compilation happens in dispatch and would
   dominate the first step's chart.
 """
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -56,10 +61,10 @@ from typing import Any
 import jax
 
 from ilbp.pipeline.mpmd import MPMDExecutor, MPMDState
-from ilbp.schedule import simulate
+from ilbp.schedule import CostModel, simulate
 from ilbp.stage import Batch
 
-__all__ = ["MeasuredOp", "record_timeline", "summarize"]
+__all__ = ["MeasuredOp", "in_run_costs", "record_timeline", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,3 +238,35 @@ def summarize(ops: Sequence[MeasuredOp], num_stages: int) -> tuple[float, tuple[
             work[o.stage] += o.cost
     steady = max(T - 1 - first, 1)
     return period, tuple(w / steady / period if period > 0 else 0.0 for w in work)
+
+
+def in_run_costs(ops: Sequence[MeasuredOp], num_stages: int, skip_steps: int = 1) -> CostModel:
+    """The schedule model's per-op costs as the ops ran in a measured timeline (ms).
+
+    Per stage and kind, the median derived duration over the steps from `skip_steps`
+    on (the first ones fill the pipeline). Transfers are inside their consumers' bars,
+    so the transfer latency is 0. Simulate with `fused_backward=True`, as the MPMD
+    executor issues its ops: a stage's B then costs its measured B, a W its measured W.
+    With these costs the model's period tests the executor's ordering and dependencies
+    alone: a measured period longer than the model's means idle time that no
+    dependency explains (e.g. a host that dispatched late).
+    """
+    if not any(o.step >= skip_steps for o in ops):
+        raise ValueError(f"No ops from step {skip_steps} on; record more steps.")
+    durations: dict[tuple[str, int], list[float]] = {}
+    for o in ops:
+        if o.step >= skip_steps:
+            durations.setdefault((o.kind, o.stage), []).append(o.cost)
+
+    def median(kind: str, k: int) -> float:
+        return statistics.median(durations.get((kind, k), [0.0]))
+
+    per_stage = lambda kind: tuple(median(kind, k) for k in range(num_stages))
+    return CostModel.from_measured(
+        per_stage("F"),
+        per_stage("V"),
+        per_stage("W"),
+        fused_vjp=per_stage("B"),
+        aux=per_stage("A"),
+        update=per_stage("U"),
+    )
