@@ -8,6 +8,7 @@ import pytest
 
 from experiments.configs import common
 from experiments.lib import builders
+from ilbp import data
 
 CONFIGS = (
     "fashion_mnist_resnet",
@@ -81,3 +82,21 @@ def test_validate_catches_bad_overrides():
     c.optimizer.name = "lion"
     with pytest.raises(ValueError, match="Unknown optimizer"):
         builders.validate(c)
+    c = fashion_mnist_resnet.get_config()
+    c.model.balance = "time"
+    with pytest.raises(ValueError, match=r"Unknown model\.balance"):
+        builders.validate(c)
+
+
+def test_work_balance_cuts_per_strategy():
+    from experiments.configs import fashion_mnist_resnet
+
+    info = data.DatasetInfo(kind="image", num_classes=10, example_shape=(28, 28, 1))
+    cuts = {}
+    for spec in ("global", "pairwise"):
+        c = fashion_mnist_resnet.get_config(f"{spec},k=4")
+        c.model.balance = "work"
+        cuts[spec] = [stage.name for stage in builders.build_model(c, info).stages]
+    c = fashion_mnist_resnet.get_config("pairwise,k=4")
+    flops = [stage.name for stage in builders.build_model(c, info).stages]
+    assert cuts["global"] == flops != cuts["pairwise"]
