@@ -74,6 +74,19 @@ def test_matches_single_program(spec, microbatches, initial):
     _assert_same(ex.to_train_state(st), rs)
 
 
+@pytest.mark.parametrize("max_in_flight", [None, 3])
+def test_in_flight_cap_changes_the_order_not_the_result(max_in_flight, initial):
+    M = 4
+    ex = make_executor("mpmd", MODEL, "pairwise", OPT, microbatches=M, max_in_flight=max_in_flight)
+    assert ex.order != issue_order(ilbp.Strategy.pairwise(), K, M)
+    ref = make_executor("simulated", MODEL, "pairwise", OPT, microbatches=M)
+    rs, st = initial, ex.from_train_state(initial)
+    for batch in BATCHES:
+        rs, _ = ref.step(rs, batch)
+        st, _ = ex.step(st, batch)
+    _assert_same(ex.to_train_state(st), rs)
+
+
 def test_issue_order_is_topological_and_eager():
     """Pairwise: stage k's cotangent for stage k - 1 (V) is issued before its own
     parameter VJP (W), which waits for stage k + 1."""
@@ -102,3 +115,7 @@ def test_bad_input():
         ex.init(jax.random.key(0), BATCHES[0])
     with pytest.raises(ValueError, match="Unknown executor"):
         make_executor("gpipe", MODEL, "pairwise", OPT)
+    with pytest.raises(ValueError, match="max_in_flight must be"):
+        make_executor("mpmd", MODEL, "pairwise", OPT, max_in_flight=0)
+    with pytest.raises(ValueError, match="option of the mpmd executor"):
+        make_executor("spmd", MODEL, "pairwise", OPT, max_in_flight=3)

@@ -31,9 +31,11 @@ MODEL = _model()
 BATCH = tm.batch(8, seed=0)
 
 
-@pytest.mark.parametrize("spec", ["pairwise", "global"])
-def test_timeline_is_consistent_and_state_unchanged(spec):
-    ex = make_executor("mpmd", MODEL, spec, OPT, microbatches=M)
+@pytest.mark.parametrize(
+    "spec, cap", [("pairwise", "window"), ("global", "window"), ("pairwise", None)]
+)
+def test_timeline_is_consistent_and_state_unchanged(spec, cap):
+    ex = make_executor("mpmd", MODEL, spec, OPT, microbatches=M, max_in_flight=cap)
     st = ex.init(jax.random.key(0), BATCH)
     st, _ = ex.step(st, BATCH)  # compile outside the traced steps
     traced, ops = record_timeline(ex, st, BATCH, steps=STEPS)

@@ -118,6 +118,7 @@ def make_executor(
     microbatches: int = 1,
     mesh: jax.sharding.Mesh | None = None,
     devices: Sequence[Any] | None = None,
+    max_in_flight: int | Sequence[int] | str | None = "window",
 ) -> Executor:
     """An executor of `kind` ("simulated", "mpmd" or "spmd"); see the module docstring.
 
@@ -130,16 +131,28 @@ def make_executor(
         row k is stage k's device group; "spmd": a mesh with axes `stage` (= K) and
         `data` (default: `ilbp.make_mesh(stage=K)`).
       devices: "mpmd" only: K devices (or K device groups), default the first K.
+      max_in_flight: "mpmd" only: the most microbatches whose residuals a stage holds
+        (issue order as `ilbp.schedule.simulate(max_in_flight=...)` schedules it):
+        "window" (min(n, K - k) for stage k), an int, one int per stage, or None (no
+        cap). More lets the stages overlap more at the cost of memory.
     """
     if isinstance(strategy, str):
         strategy = Strategy.parse(strategy)
+    if max_in_flight != "window" and kind != "mpmd":
+        raise ValueError(f"max_in_flight is an option of the mpmd executor, not of {kind!r}.")
     if kind == "simulated":
         return SimulatedExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
     if kind == "mpmd":
         from ilbp.pipeline.mpmd import MPMDExecutor
 
         return MPMDExecutor(
-            model, strategy, optimizer, microbatches=microbatches, mesh=mesh, devices=devices
+            model,
+            strategy,
+            optimizer,
+            microbatches=microbatches,
+            mesh=mesh,
+            devices=devices,
+            max_in_flight=max_in_flight,
         )
     if kind == "spmd":
         from ilbp.pipeline.spmd import SPMDExecutor

@@ -21,7 +21,7 @@ stage, so that no op reads another device's memory).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import flax.struct
 import jax
@@ -93,13 +93,30 @@ def stage_meshes(
     return [Mesh(np.array(g), (DATA_AXIS,), axis_types=(AxisType.Auto,)) for g in groups]
 
 
-def issue_order(strategy: Strategy, num_stages: int, microbatches: int) -> list[tuple]:
+MaxInFlight = int | Sequence[int] | Literal["window"] | None
+
+
+def issue_order(
+    strategy: Strategy,
+    num_stages: int,
+    microbatches: int,
+    max_in_flight: MaxInFlight = "window",
+) -> list[tuple]:
     """One step's ops as (kind, k, m, loss) in the schedule model's start-time order.
 
     Any topological order is correct (each device runs its ops in issue order); this one
     is the model's, so measurement and prediction describe the same schedule.
+    `max_in_flight` is the model's cap on the microbatches a stage holds residuals for
+    (`ilbp.schedule.simulate`); ValueError if it is malformed.
     """
-    sched = simulate(strategy, num_stages, microbatches, steps=1, fused_backward=True)
+    sched = simulate(
+        strategy,
+        num_stages,
+        microbatches,
+        steps=1,
+        fused_backward=True,
+        max_in_flight=max_in_flight,
+    )
     return [(o.kind, o.stage, o.microbatch, o.loss) for o in sched.timeline]
 
 
@@ -115,6 +132,7 @@ class MPMDExecutor:
         microbatches: int = 1,
         mesh: Mesh | None = None,
         devices: Sequence[Any] | None = None,
+        max_in_flight: MaxInFlight = "window",
     ):
         check_microbatches(microbatches)
         K = model.num_stages
@@ -126,7 +144,8 @@ class MPMDExecutor:
         self.replicated = [NamedSharding(m, jax.P()) for m in self.meshes]
         self.batch_sharding = [NamedSharding(m, jax.P(DATA_AXIS)) for m in self.meshes]
         self.plan = strategy.plan(K)
-        self.order = issue_order(strategy, K, microbatches)
+        self.max_in_flight = max_in_flight
+        self.order = issue_order(strategy, K, microbatches, max_in_flight)
         self._build_ops()
 
     def _build_ops(self) -> None:

@@ -179,8 +179,15 @@ def _derive(
 ) -> list[MeasuredOp]:
     """Ends tightened through dependents, starts from issue, device order and deps."""
     K, M = executor.model.num_stages, executor.microbatches
-    # The executor's issue order comes from this model (steps=1, fused backward).
-    graph = simulate(executor.strategy, K, M, steps=steps, fused_backward=True).timeline
+    # The executor's issue order comes from this model (steps=1, fused backward, its cap).
+    graph = simulate(
+        executor.strategy,
+        K,
+        M,
+        steps=steps,
+        fused_backward=True,
+        max_in_flight=executor.max_in_flight,
+    ).timeline
     key = lambda kind, k, t, m, loss: (kind, k, t, m, loss)
     index = {key(kind, k, t, m, loss): i for i, (kind, k, m, loss, t, _, _) in enumerate(issued)}
     if len(index) != len(issued) or len(graph) != len(issued):
