@@ -41,16 +41,21 @@ def initial() -> ilbp.TrainState:
     return initial_state()
 
 
+def stacked(batches):
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
 @functools.cache
 def spmd_run(spec: str, microbatches: int, data: int):
-    """(executor, final state, last metrics) of STEPS SPMD steps; cached so that the
-    multi-process test compares against this run without compiling it again."""
+    """(executor, final state, last step's metrics) of STEPS SPMD steps in one overlapped
+    `steps` call; cached so that the multi-process test (which calls `step` STEPS times)
+    compares against this run without compiling it again."""
     mesh = ilbp.make_mesh(stage=K, data=data)
     ex = make_executor("spmd", MODEL, spec, OPT, microbatches=microbatches, mesh=mesh)
     st = ex.from_train_state(initial_state())
-    for batch in BATCHES:
-        st, metrics = ex.step(st, batch)
-    return ex, st, metrics
+    st, metrics = ex.steps(st, stacked(BATCHES))
+    assert all(v.shape[0] == STEPS for v in metrics.values())
+    return ex, st, jax.tree.map(lambda v: v[-1], metrics)
 
 
 def _assert_placed(ex, st) -> None:
@@ -95,6 +100,27 @@ def test_matches_single_program(spec, microbatches, initial):
     assert_same(ex.to_train_state(st), rs)
 
 
+def test_steps_overlap_as_the_strategy_allows():
+    # Ticks of T steps: (T - 1) P + the drained step, P = M + 2 i*_max.
+    M, T = 2, STEPS
+    expect = {"local": (M, M + K - 1), "pairwise": (M + 2, M + K), "global": (M + 2 * (K - 1),) * 2}
+    for spec, (period, drain) in expect.items():
+        ex = make_executor("spmd", MODEL, spec, OPT, microbatches=M)
+        assert (ex.period, ex.ticks(1), ex.ticks(T)) == (period, drain, (T - 1) * period + drain)
+
+
+def test_step_and_steps_continue_each_other(initial):
+    # Two single steps, then the other three in one overlapped call: the same run.
+    ex = make_executor("spmd", MODEL, "pairwise", OPT)
+    st = ex.from_train_state(initial)
+    for batch in BATCHES[:2]:
+        st, metrics = ex.step(st, batch)
+    assert all(np.ndim(v) == 0 for v in metrics.values())
+    st, _ = ex.steps(st, stacked(BATCHES[2:]))
+    reference = run_both("pairwise", 1, initial)[3]
+    assert_same(ex.to_train_state(st), reference)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="`stage` of size K=4"):
         make_executor("spmd", MODEL, "pairwise", OPT, mesh=ilbp.make_mesh(stage=2, data=1))
@@ -107,3 +133,5 @@ def test_bad_input():
     ex = make_executor("spmd", MODEL, "pairwise", OPT, microbatches=3)
     with pytest.raises(ValueError, match="multiple of 6"):  # data=2 × M=3
         ex.init(jax.random.key(0), BATCHES[0])
+    with pytest.raises(ValueError, match="stacked T × B"):
+        ex.steps(None, {"inputs": np.zeros(8), "targets": np.zeros(8)})

@@ -2,28 +2,36 @@
 
 Every stage runs the same clock-tick loop (`lax.fori_loop`) inside `jax.shard_map`,
 manual over `stage` and automatic over `data` (so it composes with data parallelism and
-runs multi-process unchanged: nothing in it is host-local). With window n_ = min(n, K),
-at tick τ stage k
+runs multi-process unchanged: nothing in it is host-local). `steps(state, batches)` runs
+T steps in one program; stage k lags stage k - 1 by one tick, and each step takes it
+P = M + 2 i*_max ticks, where i*(k) is the farthest loss stage k trains on (pairwise:
+1, n-wise: n - 1, global: K - 1 - k) and i*_max = max_k i*(k). With window
+n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage k
 
-  1. forwards microbatch τ - k (input: the embedding on stage 0, else the activation
-     received from stage k - 1) and stores the VJP residuals in slot (τ - k) mod S;
+  1. forwards microbatch q of step s if q < M (input: the embedding on stage 0, else the
+     activation received from stage k - 1) and stores the VJP residuals in slot u mod S;
   2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list;
   3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
-     k + 1) belongs to microbatch τ - k - 2i; lanes are buffered per microbatch;
+     k + 1) belongs to microbatch q - 2i of step s; lanes are buffered per microbatch;
   4. takes the input VJPs of the lanes i whose loss k + i it must send back
      (`plan[k].sends`; vmapped, each with its microbatch's residuals) and sends them
      left as lanes i + 1 of a NaN-filled list of n_ - 1 (`ppermute`);
-  5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch
-     τ - k - 2 i*(k), where i*(k) is the farthest loss stage k trains on (its last lane
-     arrives this tick), and accumulates the gradient;
-  6. sends h_k right (`ppermute`).
+  5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)
+     (its last lane arrives this tick), and accumulates the gradient;
+  6. at q = M - 1 + 2 i*(k), after its last parameter VJP of step s, updates its own
+     slot (gradient mean over M microbatches, one update per step), so that its
+     forwards of step s + 1, from q = 0 of the next period, use θ_k after step s;
+  7. sends h_k right (`ppermute`).
 
-After M + max_k(k + 2 i*(k)) ticks each stage updates its own slot (gradient mean over
-M microbatches, one update per step). Bubbles (microbatch outside [0, M), lanes whose
-loss j > K - 1) compute on NaN and are masked with `where`, never multiplied by 0, so a
-leak into real values fails the equality tests. Each step drains the pipeline (no
-overlap between steps). A stage computes only the input VJPs its plan sends (global:
-one per tick, though its list has K - 1 lanes, mostly NaN).
+Steps overlap: stage k starts step s + 1 while the stages after it still finish step s,
+which interlocking allows and global does not (its P = M + 2(K - 1) is the drained
+pipeline's). T steps take (T - 1)·P + M + max_k(k + 2 i*(k)) ticks: pairwise with M = 1
+needs 3 ticks per step against global's 2K - 1. `step` is `steps` with T = 1 (drains).
+Bubbles (microbatch outside [0, M), lanes whose loss j > K - 1, ticks before a stage's
+first step or after its last) compute on NaN and are masked with `where`, never
+multiplied by 0, so a leak into real values fails the equality tests. A stage computes
+only the input VJPs its plan sends (global: one per tick, though its list has K - 1
+lanes, mostly NaN).
 """
 
 from __future__ import annotations
@@ -119,7 +127,8 @@ class SPMDExecutor:
             [x + [self.lanes - 1] * (width - len(x)) for x in sends], np.int32
         ).reshape(K, width)
         self.slots = 2 * max(self.reach) + 1
-        self.ticks = microbatches + max(k + 2 * r for k, r in enumerate(self.reach))
+        self.period = microbatches + 2 * max(self.reach)  # P: ticks per step per stage
+        self.drain = microbatches + max(k + 2 * r for k, r in enumerate(self.reach))
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, P())
         self._step = jax.jit(self._step_fn)
@@ -178,11 +187,31 @@ class SPMDExecutor:
     def _check(self, batch: Batch) -> int:
         return check_batch_split(batch, self.mesh.shape[DATA_AXIS], self.M)
 
+    def ticks(self, num_steps: int) -> int:
+        """Clock ticks of a `steps` call of T = num_steps steps."""
+        return (num_steps - 1) * self.period + self.drain
+
     def step(self, st: SPMDState, batch: Batch) -> tuple[SPMDState, Metrics]:
-        self._check(batch)
+        """One step (the pipeline drains at its end)."""
+        st, metrics = self.steps(st, jax.tree.map(lambda x: x[None], batch))
+        return st, jax.tree.map(lambda v: v[0], metrics)
+
+    def steps(self, st: SPMDState, batches: Batch) -> tuple[SPMDState, Metrics]:
+        """T steps in one program, overlapped as the strategy allows (module docstring).
+
+        `batches`: every leaf T × B × ...: batch t is step t's. Returns the state after
+        the T steps and metrics whose values have a leading axis of T. The result is
+        that of T `step` calls (one update per step); only the schedule differs.
+        """
+        leaves = jax.tree.leaves(batches)
+        if not leaves or any(x.ndim < 2 for x in leaves):
+            raise ValueError("steps() takes batches stacked T × B × ...: one batch per step.")
+        self._check(jax.tree.map(lambda x: x[0], batches))
         M = self.M
-        split = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
-        split = _put(split, NamedSharding(self.mesh, P(None, DATA_AXIS)))
+        split = jax.tree.map(
+            lambda x: x.reshape(x.shape[0], M, x.shape[1] // M, *x.shape[2:]), batches
+        )
+        split = _put(split, NamedSharding(self.mesh, P(None, None, DATA_AXIS)))
         st, stacked = self._step(st, split)
         metrics: Metrics = {}
         for k in range(self.K):
@@ -195,6 +224,7 @@ class SPMDExecutor:
 
     # The program -----------------------------------------------------------------------
     def _step_fn(self, st: SPMDState, split: Batch):
+        T = jax.tree.leaves(split)[0].shape[0]
         rng = jax.random.fold_in(st.rng, st.step)
         stage_fn = jax.shard_map(
             self._stage_program,
@@ -205,36 +235,38 @@ class SPMDExecutor:
             check_vma=False,  # the tick loop's carries mix stage-varying and invariant values
         )
         params, opt_state, metrics = stage_fn(st.params, st.opt_state, split, rng)
-        return SPMDState(st.step + 1, params, opt_state, st.rng), metrics
+        return SPMDState(st.step + T, params, opt_state, st.rng), metrics
 
     def _stage_program(self, params_1, opt_1, split: Batch, rng: jax.Array):
-        """Stage k's whole step; params_1/opt_1 are its 1 × ... slices."""
-        hom, K, M, S, n_ = self.hom, self.K, self.M, self.slots, self.lanes
+        """Stage k's T steps; params_1/opt_1 are its 1 × ... slices, split T × M × b × ...."""
+        hom, K, M, S, n_, P_ = self.hom, self.K, self.M, self.slots, self.lanes, self.period
+        T = jax.tree.leaves(split)[0].shape[0]
         k = jax.lax.axis_index(STAGE_AXIS)
-        params = jax.tree.map(lambda x: x[0], params_1)
-        opt_state = jax.tree.map(lambda x: x[0], opt_1)
+        params0 = jax.tree.map(lambda x: x[0], params_1)
+        opt_state0 = jax.tree.map(lambda x: x[0], opt_1)
         reach = jnp.asarray(self.reach)[k]
         coef_N = jnp.asarray(self.coef)[k]
         weight = jnp.asarray(self.weights)[k]
         key = self.model.input_key
-        mb = lambda m: jax.tree.map(lambda x: x[jnp.clip(m, 0, M - 1)], split)
+        clip = lambda i, n: jnp.clip(i, 0, n - 1)
+        mb = lambda s, m: jax.tree.map(lambda x: x[clip(s, T), clip(m, M)], split)
+        trunk_of = lambda p: {PROLOGUE: p[PROLOGUE], "body": p["body"]}
 
         def forward(p_trunk, x_in, tokens):
             h0 = hom.prologue(p_trunk[PROLOGUE], tokens)
             x = jnp.where(k == 0, h0, x_in)  # stage 0 starts from its embedding
             return hom.body(p_trunk["body"], x)
 
-        trunk = {PROLOGUE: params[PROLOGUE], "body": params["body"]}
-
-        def run_forward(x_in, m):
-            valid = (m >= 0) & (m < M)
+        def run_forward(trunk, x_in, s, m, valid):
             x_in = jnp.where(valid, x_in, jnp.nan)  # bubbles are NaN
-            return jax.vjp(lambda p, x: forward(p, x, mb(m)[key]), trunk, x_in)
+            return jax.vjp(lambda p, x: forward(p, x, mb(s, m)[key]), trunk, x_in)
 
-        tokens0 = split[key][0]
-        h_shape = jax.eval_shape(lambda: forward(trunk, jnp.zeros(()), tokens0))
+        trunk0 = trunk_of(params0)
+        tokens0 = split[key][0, 0]
+        h_shape = jax.eval_shape(lambda: forward(trunk0, jnp.zeros(()), tokens0))
         zeros_h = jnp.zeros(h_shape.shape, h_shape.dtype)
-        _, vjp_proto = jax.eval_shape(run_forward, zeros_h, jnp.zeros((), jnp.int32))
+        zero_i = jnp.zeros((), jnp.int32)
+        _, vjp_proto = jax.eval_shape(run_forward, trunk0, zeros_h, zero_i, zero_i, True)
         # Residual buffers, NaN until written: a backward reading an unwritten slot fails.
         res_bufs = [
             jnp.full(
@@ -256,29 +288,55 @@ class SPMDExecutor:
                 )
             return weight * loss, (loss, m)
 
+        # Norms of θ_k as the single program sees it (its head slot is θ_{K-1}'s output layer).
+        def sq(t):
+            return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
+
+        def stage_norm(t):
+            total = sq(t["body"]) + jnp.where(k == 0, sq(_where(k == 0, t[PROLOGUE], 0)), 0)
+            return jnp.sqrt(total + jnp.where(k == K - 1, sq(t[HEAD]), 0))
+
+        def update(params, opt_state, grads, hgrads):
+            """Mean gradient; padding slots get zero gradient and stay NaN."""
+            grads = {PROLOGUE: grads[PROLOGUE], "body": grads["body"], HEAD: hgrads}
+            if M > 1:
+                grads = jax.tree.map(lambda g: g / M, grads)
+            grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            params[PROLOGUE] = _where(k == 0, params[PROLOGUE], jnp.nan)
+            return params, opt_state, stage_norm(grads), stage_norm(params)
+
         def tick(tau, carry):
-            x_in, cot_in, res, cots, grads, hgrads, msum = carry
-            # 1. forward of microbatch τ - k
-            m_f = tau - k
-            h, vjp_fn = run_forward(x_in, m_f)
+            params, opt_state, x_in, cot_in, res, cots, grads, hgrads, sums = carry
+            u = tau - k  # stage k's local tick: phase q of step s
+            s = jnp.floor_divide(u, P_)
+            q = u - s * P_
+            live = (u >= 0) & (s < T)
+            # 1. forward of microbatch q of step s
+            valid_f = live & (q < M)
+            h, vjp_fn = run_forward(trunk_of(params), x_in, s, q, valid_f)
             leaves, treedef = jax.tree.flatten(vjp_fn)
-            res = [r.at[m_f % S].set(x) for r, x in zip(res, leaves)]
+            res = [r.at[u % S].set(x) for r, x in zip(res, leaves)]
             # 2. head: lane 0
-            valid_f = (m_f >= 0) & (m_f < M)
             (_, (loss, mets)), (dphi, dh) = jax.value_and_grad(
                 head_loss, argnums=(0, 1), has_aux=True
-            )(params[HEAD], h, mb(m_f))
+            )(params[HEAD], h, mb(s, q))
             hgrads = jax.tree.map(lambda a, g: a + jnp.where(valid_f, g, 0), hgrads, dphi)
-            msum = jax.tree.map(
-                lambda a, v: a + jnp.where(valid_f, v, 0), msum, {"loss": loss, "fn": mets}
-            )
+            add_at = lambda a, v: a.at[clip(s, T)].add(jnp.where(valid_f, v, 0))
+            sums = {
+                **sums,
+                "loss": add_at(sums["loss"], loss),
+                "loss_fn": jax.tree.map(add_at, sums["loss_fn"], mets),
+            }
             # 3. the cotangent list and its per-microbatch buffer
             lane_i = jnp.arange(n_)
-            m_N = tau - k - 2 * lane_i
-            valid_N = (k + lane_i <= K - 1) & (m_N >= 0) & (m_N < M)
+            q_N = q - 2 * lane_i
+            slot_N = (u - 2 * lane_i) % S
+            valid_N = live & (k + lane_i <= K - 1) & (q_N >= 0) & (q_N < M)
             list_N = jnp.concatenate([dh[None], cot_in], 0) if n_ > 1 else dh[None]
             list_N = jnp.where(valid_N.reshape(-1, *[1] * dh.ndim), list_N, jnp.nan)
-            cots = cots.at[m_N % S, lane_i].set(list_N)
+            cots = cots.at[slot_N, lane_i].set(list_N)
 
             def vjp_of(slot, c):
                 fn = jax.tree.unflatten(treedef, [r[slot] for r in res])
@@ -288,73 +346,77 @@ class SPMDExecutor:
             if n_ > 1:
                 if self.send_lanes.shape[1]:
                     lanes = jnp.asarray(self.send_lanes)[k]
-                    dx = jax.vmap(lambda s, c: vjp_of(s, c)[1])(m_N[lanes] % S, list_N[lanes])
+                    dx = jax.vmap(lambda s, c: vjp_of(s, c)[1])(slot_N[lanes], list_N[lanes])
                     # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
                     sent = jnp.full_like(cot_in, jnp.nan).at[lanes].set(dx, mode="drop")
                 else:
                     sent = jnp.full_like(cot_in, jnp.nan)
                 perm = [(j + 1, j) for j in range(K - 1)]
                 cot_in = jax.lax.ppermute(sent, STAGE_AXIS, perm)
-            # 5. parameter VJP on the combined cotangent of microbatch τ - k - 2 i*(k)
-            m_w = tau - k - 2 * reach
-            valid_w = (m_w >= 0) & (m_w < M)
+            # 5. parameter VJP on the combined cotangent of microbatch q - 2 i*(k)
+            q_w = q - 2 * reach
+            slot_w = (u - 2 * reach) % S
+            valid_w = live & (q_w >= 0) & (q_w < M)
             used = coef_N != 0
             terms = jnp.where(
                 used.reshape(-1, *[1] * dh.ndim),
-                coef_N.reshape(-1, *[1] * dh.ndim) * cots[m_w % S],
+                coef_N.reshape(-1, *[1] * dh.ndim) * cots[slot_w],
                 0,
             )
             total = terms[0]
             for i in range(1, n_):
                 total = total + terms[i]
-            dtheta = vjp_of(m_w % S, total)[0]
+            dtheta = vjp_of(slot_w, total)[0]
             grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), grads, dtheta)
-            # 6. activations right
+
+            # 6. after the last parameter VJP of step s: update θ_k, φ_k; restart the sums
+            def do_update(args):
+                params, opt_state, grads, hgrads, sums = args
+                params, opt_state, g_norm, p_norm = update(params, opt_state, grads, hgrads)
+                sums = {
+                    **sums,
+                    "grad_norm": sums["grad_norm"].at[s].set(g_norm),
+                    "param_norm": sums["param_norm"].at[s].set(p_norm),
+                }
+                return params, opt_state, zeros(grads), zeros(hgrads), sums
+
+            params, opt_state, grads, hgrads, sums = jax.lax.cond(
+                live & (q == M - 1 + 2 * reach),
+                do_update,
+                lambda args: args,
+                (params, opt_state, grads, hgrads, sums),
+            )
+            # 7. activations right
             x_in = jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)])
-            return x_in, cot_in, res, cots, grads, hgrads, msum
+            return params, opt_state, x_in, cot_in, res, cots, grads, hgrads, sums
 
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-        msum0 = {
-            "loss": jnp.zeros(()),
-            "fn": jax.tree.map(
-                lambda x: jnp.zeros(x.shape, x.dtype),
-                jax.eval_shape(lambda: head_loss(params[HEAD], zeros_h, mb(0))[1][1]),
-            ),
+        per_step = lambda x: jnp.zeros((T, *x.shape), x.dtype)
+        mets_shape = jax.eval_shape(lambda: head_loss(params0[HEAD], zeros_h, mb(0, 0))[1][1])
+        sums0 = {
+            "loss": jnp.zeros((T,)),
+            "loss_fn": jax.tree.map(per_step, mets_shape),
+            "grad_norm": jnp.zeros((T,)),
+            "param_norm": jnp.zeros((T,)),
         }
+        cot_in0 = jnp.full((max(n_ - 1, 1), *h_shape.shape), jnp.nan, h_shape.dtype)
         carry = (
+            params0,
+            opt_state0,
             nan_h,
-            jnp.full((max(n_ - 1, 1), *h_shape.shape), jnp.nan, h_shape.dtype),
+            cot_in0 if n_ > 1 else cot_in0[:0],
             res_bufs,
             jnp.full((S, n_, *h_shape.shape), jnp.nan, h_shape.dtype),
-            zeros(trunk),
-            zeros(params[HEAD]),
-            msum0,
+            zeros(trunk0),
+            zeros(params0[HEAD]),
+            sums0,
         )
-        if n_ == 1:
-            carry = (carry[0], carry[1][:0], *carry[2:])
-        *_, grads, hgrads, msum = jax.lax.fori_loop(0, self.ticks, tick, carry)
-        # Update: mean gradient; padding slots get zero gradient and stay NaN.
-        grads = {PROLOGUE: grads[PROLOGUE], "body": grads["body"], HEAD: hgrads}
-        if M > 1:
-            grads = jax.tree.map(lambda g: g / M, grads)
-        grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params[PROLOGUE] = _where(k == 0, new_params[PROLOGUE], jnp.nan)
-
-        # Norms of θ_k as the single program sees it (its head slot is θ_{K-1}'s output layer).
-        def sq(t):
-            return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
-
-        def stage_norm(t):
-            total = sq(t["body"]) + jnp.where(k == 0, sq(_where(k == 0, t[PROLOGUE], 0)), 0)
-            return jnp.sqrt(total + jnp.where(k == K - 1, sq(t[HEAD]), 0))
-
+        params, opt_state, *_, sums = jax.lax.fori_loop(0, self.ticks(T), tick, carry)
         metrics = {
-            "loss": msum["loss"] / M,
-            "loss_fn": jax.tree.map(lambda v: v / M, msum["fn"]),
-            "grad_norm": stage_norm(grads),
-            "param_norm": stage_norm(new_params),
+            "loss": sums["loss"] / M,
+            "loss_fn": jax.tree.map(lambda v: v / M, sums["loss_fn"]),
+            "grad_norm": sums["grad_norm"],
+            "param_norm": sums["param_norm"],
         }
         add = lambda t: jax.tree.map(lambda x: x[None], t)
-        return add(new_params), add(opt_state), add(metrics)
+        return add(params), add(opt_state), add(metrics)
