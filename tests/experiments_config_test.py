@@ -82,6 +82,13 @@ def test_validate_catches_bad_overrides():
     c.optimizer.name = "lion"
     with pytest.raises(ValueError, match="Unknown optimizer"):
         builders.validate(c)
+    c = fashion_mnist_resnet.get_config("pairwise,executor=mpmd")
+    c.steps_per_call = 2
+    with pytest.raises(ValueError, match="needs executor=spmd"):
+        builders.validate(c)
+    c.executor, c.checkpoint_every_steps = "spmd", 5
+    with pytest.raises(ValueError, match="checkpoint_every_steps=5 is not a multiple"):
+        builders.validate(c)
     c = fashion_mnist_resnet.get_config()
     c.model.balance = "time"
     with pytest.raises(ValueError, match=r"Unknown model\.balance"):

@@ -183,3 +183,17 @@ def test_mpmd_executor_trains_like_the_simulated_one(idx_dir, tmp_path):
     simulated = tests["simulated", 1]
     assert tests["mpmd", 1] == pytest.approx(simulated, rel=1e-5)
     assert tests["mpmd", 2] == pytest.approx(simulated, rel=1e-5)
+
+
+def test_spmd_steps_per_call_trains_like_the_simulated_one(text_file, tmp_path):
+    """Two steps per overlapped SPMD program: the same run as one step at a time."""
+    runs = {}
+    for kind, per_call in (("simulated", 1), ("spmd", 2)):
+        c = fx.tiny_text_config(f"text:{text_file}", f"pairwise,k=2,executor={kind}")
+        c.num_train_steps, c.checkpoint_every_steps, c.steps_per_call = 4, 2, per_call
+        runs[kind] = trainer.train_and_evaluate(c, str(tmp_path / kind))
+        records = read_metrics(str(tmp_path / kind / "metrics.jsonl"))
+        assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert runs["spmd"]["test"]["loss"] == pytest.approx(
+        runs["simulated"]["test"]["loss"], rel=1e-5
+    )

@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.executor = "simulated"
     c.microbatches = 1
     c.data_parallel = 1  # devices on the mesh axis `data` (1: no mesh)
+    # spmd: steps per program, overlapped as the strategy allows; the eval and
+    # checkpoint intervals must be multiples of it.
+    c.steps_per_call = 1
     # Training.
     c.seed = 0
     c.batch_size = 128

@@ -53,9 +53,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"Unknown optimizer {config.optimizer.name!r}; choose one of {OPTIMIZERS}."
         )
-    for name in ("num_stages", "microbatches", "batch_size", "num_train_steps", "data_parallel"):
+    for name in (
+        "num_stages",
+        "microbatches",
+        "batch_size",
+        "num_train_steps",
+        "data_parallel",
+        "steps_per_call",
+    ):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be ≥ 1; got {config[name]}.")
+    per_call = int(config.steps_per_call)
+    if per_call > 1 and config.executor != "spmd":
+        raise ValueError(
+            f"config.steps_per_call={per_call} needs executor=spmd, whose steps() overlaps "
+            "steps in one program; mpmd overlaps steps by itself and simulated has no "
+            "pipeline. Set steps_per_call=1."
+        )
+    for name in ("eval_every_steps", "checkpoint_every_steps"):
+        if int(config[name]) % per_call:
+            raise ValueError(
+                f"config.{name}={config[name]} is not a multiple of steps_per_call={per_call}; "
+                "evaluations and checkpoints happen between calls."
+            )
     data.parse_dataset(config.dataset)
 
 

@@ -60,6 +60,38 @@ def first_nonfinite(metrics: dict[str, Any], num_stages: int) -> tuple[int, str,
     return None
 
 
+def _log_step(
+    writer: MetricWriter,
+    metrics: dict[str, Any],
+    step: int,
+    end: int,
+    config: ml_collections.ConfigDict,
+    K: int,
+    ckpts: Checkpoints,
+    schedule: Any,
+    step_time: float,
+) -> None:
+    """Writes step `step`'s train metrics when due; NonFiniteLossError if one is NaN/inf."""
+    done = step + 1
+    bad = first_nonfinite(metrics, K)
+    if bad or done % int(config.log_every_steps) == 0 or done == end:
+        record = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        record.update(step_time=step_time, learning_rate=schedule(step))
+        writer.write("train", done, record)
+    if bad:
+        k, name, value = bad
+        kept = ckpts.latest_step()
+        raise NonFiniteLossError(
+            f"{name} = {value} at step {done}, stage {k} (of K={K}); training stopped. "
+            + (
+                f"The last good checkpoint (step {kept}) is kept in {ckpts.directory}. "
+                if kept is not None
+                else "No checkpoint had been written yet. "
+            )
+            + "Lower --config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm."
+        )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -116,35 +148,31 @@ def train_and_evaluate(
         total=T, initial=start, desc=f"train {built.strategy.name}", unit="step",
         disable=not config.progress_bar, dynamic_ncols=True,
     )  # fmt: skip
+    per_call = int(config.steps_per_call)
+    step = start
     try:
-        for step in range(start, end):
-            batch = next(it)
+        while step < end:
+            # `per_call` steps in one call (spmd: overlapped); eval and checkpoint
+            # intervals are multiples of it, so only a stop_after cut is shorter.
+            n = min(per_call, end - step)
             t0 = time.perf_counter()
-            state, metrics = ex.step(state, batch)
-            metrics = jax.device_get(metrics)
-            if step > start:  # this process's first step includes compilation
-                step_times.append(time.perf_counter() - t0)
-            done = step + 1
-            bad = first_nonfinite(metrics, K)
-            if bad or done % int(config.log_every_steps) == 0 or done == end:
-                record = {k: float(np.asarray(v)) for k, v in metrics.items()}
-                record.update(step_time=time.perf_counter() - t0, learning_rate=schedule(step))
-                writer.write("train", done, record)
-            if bad:
-                k, name, value = bad
-                kept = ckpts.latest_step()
-                raise NonFiniteLossError(
-                    f"{name} = {value} at step {done}, stage {k} (of K={K}); training stopped. "
-                    + (
-                        f"The last good checkpoint (step {kept}) is kept in {ckpts.directory}. "
-                        if kept is not None
-                        else "No checkpoint had been written yet. "
-                    )
-                    + "Lower --config.optimizer.learning_rate or set "
-                    "--config.optimizer.grad_clip_norm."
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
+            if per_call == 1:
+                state, metrics = ex.step(state, next(it))
+                per_step = [jax.device_get(metrics)]
+            else:
+                batches = [next(it) for _ in range(n)]
+                state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
+                metrics = jax.device_get(metrics)
+                per_step = [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+            step_time = (time.perf_counter() - t0) / n
+            if step > start:  # this process's first call includes compilation
+                step_times.append(step_time)
+            for i, metrics in enumerate(per_step):
+                _log_step(writer, metrics, step + i, end, config, K, ckpts, schedule, step_time)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
+            step += n
+            done = step
             if config.eval_every_steps and done % config.eval_every_steps == 0 and done < T:
                 subset = Prefix(test_src, config.eval_examples or len(test_src))
                 ts = ex.to_train_state(state)
