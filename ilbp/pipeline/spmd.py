@@ -131,7 +131,7 @@ class SPMDExecutor:
         self.drain = microbatches + max(k + 2 * r for k, r in enumerate(self.reach))
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, P())
-        self._step = jax.jit(self._step_fn)
+        self._step = jax.jit(self._step_fn, static_argnames="squeeze")
 
     # Layout ----------------------------------------------------------------------------
     def _opt_map(self, fn, opt_state, params_like):
@@ -193,8 +193,7 @@ class SPMDExecutor:
 
     def step(self, st: SPMDState, batch: Batch) -> tuple[SPMDState, Metrics]:
         """One step (the pipeline drains at its end)."""
-        st, metrics = self.steps(st, jax.tree.map(lambda x: x[None], batch))
-        return st, jax.tree.map(lambda v: v[0], metrics)
+        return self._run(st, jax.tree.map(lambda x: x[None], batch), squeeze=True)
 
     def steps(self, st: SPMDState, batches: Batch) -> tuple[SPMDState, Metrics]:
         """T steps in one program, overlapped as the strategy allows (module docstring).
@@ -204,26 +203,23 @@ class SPMDExecutor:
         that of T `step` calls (one update per step); only the schedule differs.
         """
         leaves = jax.tree.leaves(batches)
-        if not leaves or any(x.ndim < 2 for x in leaves):
+        if not leaves or any(np.ndim(x) < 2 for x in leaves):
             raise ValueError("steps() takes batches stacked T × B × ...: one batch per step.")
+        return self._run(st, batches, squeeze=False)
+
+    def _run(self, st: SPMDState, batches: Batch, squeeze: bool) -> tuple[SPMDState, Metrics]:
         self._check(jax.tree.map(lambda x: x[0], batches))
         M = self.M
         split = jax.tree.map(
             lambda x: x.reshape(x.shape[0], M, x.shape[1] // M, *x.shape[2:]), batches
         )
         split = _put(split, NamedSharding(self.mesh, P(None, None, DATA_AXIS)))
-        st, stacked = self._step(st, split)
-        metrics: Metrics = {}
-        for k in range(self.K):
-            names = loss_metrics(k, self.K, 0, {n: 0 for n in stacked["loss_fn"]})
-            values = [stacked["loss"][k], *(stacked["loss_fn"][n][k] for n in stacked["loss_fn"])]
-            metrics.update(dict(zip(names, values)))
-            metrics[f"grad_norm/{k}"] = stacked["grad_norm"][k]
-            metrics[f"param_norm/{k}"] = stacked["param_norm"][k]
-        return st, metrics
+        return self._step(st, split, squeeze=squeeze)
 
     # The program -----------------------------------------------------------------------
-    def _step_fn(self, st: SPMDState, split: Batch):
+    def _step_fn(self, st: SPMDState, split: Batch, squeeze: bool):
+        """The jitted program: T steps; metrics named as the single program names them,
+        each with a leading T axis unless `squeeze` (T = 1)."""
         T = jax.tree.leaves(split)[0].shape[0]
         rng = jax.random.fold_in(st.rng, st.step)
         stage_fn = jax.shard_map(
@@ -234,7 +230,16 @@ class SPMDExecutor:
             axis_names={STAGE_AXIS},
             check_vma=False,  # the tick loop's carries mix stage-varying and invariant values
         )
-        params, opt_state, metrics = stage_fn(st.params, st.opt_state, split, rng)
+        params, opt_state, stacked = stage_fn(st.params, st.opt_state, split, rng)
+        metrics: Metrics = {}
+        for k in range(self.K):
+            names = loss_metrics(k, self.K, 0, {n: 0 for n in stacked["loss_fn"]})
+            values = [stacked["loss"][k], *(stacked["loss_fn"][n][k] for n in stacked["loss_fn"])]
+            metrics.update(dict(zip(names, values)))
+            metrics[f"grad_norm/{k}"] = stacked["grad_norm"][k]
+            metrics[f"param_norm/{k}"] = stacked["param_norm"][k]
+        if squeeze:
+            metrics = {name: v[0] for name, v in metrics.items()}
         return SPMDState(st.step + T, params, opt_state, st.rng), metrics
 
     def _stage_program(self, params_1, opt_1, split: Batch, rng: jax.Array):
