@@ -272,13 +272,12 @@ class SPMDExecutor:
         zeros_h = jnp.zeros(h_shape.shape, h_shape.dtype)
         zero_i = jnp.zeros((), jnp.int32)
         _, vjp_proto = jax.eval_shape(run_forward, trunk0, zeros_h, zero_i, zero_i, True)
+        res_protos, res_treedef = jax.tree.flatten(vjp_proto)
+        nan_like = lambda r, *lead: jnp.full(
+            (*lead, *r.shape), jnp.nan if jnp.issubdtype(r.dtype, jnp.floating) else 0, r.dtype
+        )
         # Residual buffers, NaN until written: a backward reading an unwritten slot fails.
-        res_bufs = [
-            jnp.full(
-                (S, *r.shape), jnp.nan if jnp.issubdtype(r.dtype, jnp.floating) else 0, r.dtype
-            )
-            for r in jax.tree.leaves(vjp_proto)
-        ]
+        res_bufs = [nan_like(r, S) for r in res_protos]
         nan_h = jnp.full(h_shape.shape, jnp.nan, h_shape.dtype)
 
         def head_loss(p_head, h, batch):
@@ -318,15 +317,35 @@ class SPMDExecutor:
             s = jnp.floor_divide(u, P_)
             q = u - s * P_
             live = (u >= 0) & (s < T)
+            # Work a stage does not have this tick (a bubble) is skipped on its device
+            # (`lax.cond`, per device: no collective inside) and yields NaN, as if it had
+            # run on NaN; the masks below keep it out of every sum.
+
             # 1. forward of microbatch q of step s
             valid_f = live & (q < M)
-            h, vjp_fn = run_forward(trunk_of(params), x_in, s, q, valid_f)
-            leaves, treedef = jax.tree.flatten(vjp_fn)
+
+            def forward_op(x_in):
+                h, vjp_fn = run_forward(trunk_of(params), x_in, s, q, True)
+                return h, jax.tree.leaves(vjp_fn)
+
+            h, leaves = jax.lax.cond(
+                valid_f, forward_op, lambda _: (nan_h, [nan_like(r) for r in res_protos]), x_in
+            )
             res = [r.at[u % S].set(x) for r, x in zip(res, leaves)]
+
             # 2. head: lane 0
-            (_, (loss, mets)), (dphi, dh) = jax.value_and_grad(
-                head_loss, argnums=(0, 1), has_aux=True
-            )(params[HEAD], h, mb(s, q))
+            def head_op(h):
+                return jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)(
+                    params[HEAD], h, mb(s, q)
+                )
+
+            head_shapes = jax.eval_shape(head_op, h)
+            (_, (loss, mets)), (dphi, dh) = jax.lax.cond(
+                valid_f,
+                head_op,
+                lambda _: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), head_shapes),
+                h,
+            )
             hgrads = jax.tree.map(lambda a, g: a + jnp.where(valid_f, g, 0), hgrads, dphi)
             add_at = lambda a, v: a.at[clip(s, T)].add(jnp.where(valid_f, v, 0))
             sums = {
@@ -344,14 +363,22 @@ class SPMDExecutor:
             cots = cots.at[slot_N, lane_i].set(list_N)
 
             def vjp_of(slot, c):
-                fn = jax.tree.unflatten(treedef, [r[slot] for r in res])
+                fn = jax.tree.unflatten(res_treedef, [r[slot] for r in res])
                 return fn(c)
 
             # 4. input VJPs of lanes 0..n_-2, sent left
             if n_ > 1:
                 if self.send_lanes.shape[1]:
                     lanes = jnp.asarray(self.send_lanes)[k]
-                    dx = jax.vmap(lambda s, c: vjp_of(s, c)[1])(slot_N[lanes], list_N[lanes])
+                    dx = jax.lax.cond(
+                        jnp.any(valid_N[lanes]),
+                        lambda: jax.vmap(lambda s, c: vjp_of(s, c)[1])(
+                            slot_N[lanes], list_N[lanes]
+                        ),
+                        lambda: jnp.full(
+                            (len(self.send_lanes[0]), *h_shape.shape), jnp.nan, h_shape.dtype
+                        ),
+                    )
                     # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
                     sent = jnp.full_like(cot_in, jnp.nan).at[lanes].set(dx, mode="drop")
                 else:
@@ -371,7 +398,11 @@ class SPMDExecutor:
             total = terms[0]
             for i in range(1, n_):
                 total = total + terms[i]
-            dtheta = vjp_of(slot_w, total)[0]
+            dtheta = jax.lax.cond(
+                valid_w,
+                lambda: vjp_of(slot_w, total)[0],
+                lambda: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), grads),
+            )
             grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), grads, dtheta)
 
             # 6. after the last parameter VJP of step s: update θ_k, φ_k; restart the sums
