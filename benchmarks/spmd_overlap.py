@@ -7,11 +7,11 @@ A small Transformer LM (one block per stage) runs on the `spmd` executor. Per st
 and M it prints the clock ticks per step of `step` (the pipeline drains every step) and
 of `steps(T)` (stage k starts step s + 1 once its own update for step s is done), their
 ratio, and the measured time per step of each with their ratio, side by side in one
-run, and the time per tick of each. Every tick runs the same program on every stage
-whatever it holds (bubbles compute on NaN), so the tick ratio is the speed-up of
-overlapping where a tick is all a step costs; a program call also has a fixed cost
-(launch, buffers), which T steps per call amortise, so the measured ratio can exceed the
-tick ratio (the ms/tick columns show by how much). Both runs give the same parameters
+run, and the time per tick of each. The stages run in lockstep, so the tick ratio is
+the speed-up of overlapping where every tick costs the same; but a stage skips the ops
+it has no work for, so ticks differ (a drained step has more idle ones), and a program
+call has a fixed cost (launch, buffers) that T steps per call amortise: the measured
+ratio can differ from the tick ratio (the ms/tick columns show how). Both runs give the same parameters
 (tests/pipeline_spmd_test.py).
 """
 

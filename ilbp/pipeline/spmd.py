@@ -28,8 +28,9 @@ which interlocking allows and global does not (its P = M + 2(K - 1) is the drain
 pipeline's). T steps take (T - 1)·P + M + max_k(k + 2 i*(k)) ticks: pairwise with M = 1
 needs 3 ticks per step against global's 2K - 1. `step` is `steps` with T = 1 (drains).
 Bubbles (microbatch outside [0, M), lanes whose loss j > K - 1, ticks before a stage's
-first step or after its last) compute on NaN and are masked with `where`, never
-multiplied by 0, so a leak into real values fails the equality tests. A stage computes
+first step or after its last) are skipped on their device (`lax.cond`) and yield NaN,
+which is masked with `where`, never multiplied by 0, so a leak into real values fails
+the equality tests. A stage computes
 only the input VJPs its plan sends (global: one per tick, though its list has K - 1
 lanes, mostly NaN).
 """
