@@ -48,8 +48,7 @@ def _parse() -> argparse.Namespace:
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None:  # before jax is imported: one device per stage
     os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={ARGS.stages} "
-        "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        f"--xla_force_host_platform_device_count={ARGS.stages} --xla_cpu_multi_thread_eigen=false"
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

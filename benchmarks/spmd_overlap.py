@@ -11,8 +11,8 @@ run, and the time per tick of each. The stages run in lockstep, so the tick rati
 the speed-up of overlapping where every tick costs the same; but a stage skips the ops
 it has no work for, so ticks differ (a drained step has more idle ones), and a program
 call has a fixed cost (launch, buffers) that T steps per call amortise: the measured
-ratio can differ from the tick ratio (the ms/tick columns show how). Both runs give the same parameters
-(tests/pipeline_spmd_test.py).
+ratio can differ from the tick ratio (the ms/tick columns show how). Both runs give
+the same parameters (tests/pipeline_spmd_test.py).
 """
 
 from __future__ import annotations
