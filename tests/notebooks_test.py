@@ -1,5 +1,6 @@
 """The notebooks run top to bottom, headless, with the repository's code."""
 
+import json
 import pathlib
 
 import nbformat
@@ -24,6 +25,8 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
 
 def test_notebooks_are_committed_without_outputs():
     for path in NOTEBOOKS:
+        with open(path) as f:  # nbformat.read would add missing cell ids silently
+            assert all("id" in cell for cell in json.load(f)["cells"]), path.name
         notebook = nbformat.read(path, as_version=4)
         for cell in notebook.cells:
             if cell.cell_type == "code":
