@@ -186,7 +186,8 @@ def test_mpmd_executor_trains_like_the_simulated_one(idx_dir, tmp_path):
 
 
 def test_spmd_steps_per_call_trains_like_the_simulated_one(text_file, tmp_path):
-    """Two steps per overlapped SPMD program: the same run as one step at a time."""
+    """Two steps per overlapped SPMD program: the same run as one step at a time, and
+    resumable from a checkpoint."""
     runs = {}
     for kind, per_call in (("simulated", 1), ("spmd", 2)):
         c = fx.tiny_text_config(f"text:{text_file}", f"pairwise,k=2,executor={kind}")
@@ -197,3 +198,9 @@ def test_spmd_steps_per_call_trains_like_the_simulated_one(text_file, tmp_path):
     assert runs["spmd"]["test"]["loss"] == pytest.approx(
         runs["simulated"]["test"]["loss"], rel=1e-5
     )
+    # Interrupted after step 3 (a shorter last call), resumed: the same run, bitwise.
+    c = fx.tiny_text_config(f"text:{text_file}", "pairwise,k=2,executor=spmd")
+    c.num_train_steps, c.checkpoint_every_steps, c.steps_per_call = 4, 2, 2
+    assert trainer.train_and_evaluate(c, str(tmp_path / "cut"), stop_after=3)["stopped_at"] == 3
+    resumed = trainer.train_and_evaluate(c, str(tmp_path / "cut"))
+    assert resumed["test"] == runs["spmd"]["test"]

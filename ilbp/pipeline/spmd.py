@@ -170,7 +170,8 @@ class SPMDExecutor:
         else:
             gather = lambda t: jax.tree.map(np.asarray, t)
         stacked_params, stacked_opt = gather((st.params, st.opt_state))
-        unstack = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+        # np.asarray keeps 0-d leaves (step counts) arrays, not numpy scalars.
+        unstack = lambda tree, k: jax.tree.map(lambda x: np.asarray(x[k]), tree)
         params = tuple(hom.from_uniform(unstack(stacked_params, k), k) for k in range(K))
         uniform0 = unstack(stacked_params, 0)
         opt = tuple(
