@@ -89,6 +89,10 @@ def test_validate_catches_bad_overrides():
     c.executor, c.checkpoint_every_steps = "spmd", 5
     with pytest.raises(ValueError, match="checkpoint_every_steps=5 is not a multiple"):
         builders.validate(c)
+    c = fashion_mnist_resnet.get_config("pairwise,executor=spmd")
+    c.max_in_flight = 3
+    with pytest.raises(ValueError, match="for executor=mpmd only"):
+        builders.validate(c)
     c = fashion_mnist_resnet.get_config()
     c.model.balance = "time"
     with pytest.raises(ValueError, match=r"Unknown model\.balance"):

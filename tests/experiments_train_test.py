@@ -176,11 +176,14 @@ def test_mpmd_executor_trains_like_the_simulated_one(idx_dir, tmp_path):
     assert jax.device_count() >= 6, "tests/conftest.py sets 8 fake CPU devices"
     tests = {}
     for kind, data_parallel in (("simulated", 1), ("mpmd", 1), ("mpmd", 2)):
-        c = fx.tiny_image_config(f"idx:{idx_dir}", f"pairwise,k=3,executor={kind}")
+        c = fx.tiny_image_config(f"idx:{idx_dir}", f"pairwise,k=3,executor={kind},m=2")
         c.data_parallel = data_parallel
+        c.max_in_flight = 1 if data_parallel == 2 else 0  # the cap changes the order only
         run = trainer.train_and_evaluate(c, str(tmp_path / f"{kind}{data_parallel}"))
         tests[kind, data_parallel] = run["test"]["loss"]
     simulated = tests["simulated", 1]
+    info = builders.build_data(c, "train").info
+    assert builders.build(c, info).executor.max_in_flight == 1
     assert tests["mpmd", 1] == pytest.approx(simulated, rel=1e-5)
     assert tests["mpmd", 2] == pytest.approx(simulated, rel=1e-5)
 

@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     # spmd: steps per program, overlapped as the strategy allows; the eval and
     # checkpoint intervals must be multiples of it.
     c.steps_per_call = 1
+    # mpmd: the most microbatches whose residuals a stage holds; 0: what the window needs.
+    c.max_in_flight = 0
     # Training.
     c.seed = 0
     c.batch_size = 128

@@ -63,6 +63,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be ≥ 1; got {config[name]}.")
+    if int(config.max_in_flight) < 0 or (config.max_in_flight and config.executor != "mpmd"):
+        raise ValueError(
+            f"config.max_in_flight={config.max_in_flight}: 0 (what the window needs) or a "
+            "positive cap on the microbatches a stage holds, for executor=mpmd only."
+        )
     per_call = int(config.steps_per_call)
     if per_call > 1 and config.executor != "spmd":
         raise ValueError(
@@ -214,6 +219,7 @@ _PROGRAM_FIELDS = (
     "aux_weight",
     "executor",
     "microbatches",
+    "max_in_flight",
     "data_parallel",
     "num_train_steps",
 )
@@ -255,6 +261,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Built:
             build_optimizer(config),
             microbatches=int(config.microbatches),
             mesh=mesh,
+            **({"max_in_flight": int(config.max_in_flight)} if config.max_in_flight else {}),
         )
         # The stages' names say where the cuts are (balance="work" moves them per strategy).
         cuts = [stage.name for stage in model.stages]
