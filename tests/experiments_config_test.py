@@ -65,37 +65,31 @@ def test_bad_arg_is_a_clear_error(arg, match):
         common.parse_arg(arg)
 
 
-def test_validate_catches_bad_overrides():
+@pytest.mark.parametrize(
+    "arg, overrides, match",
+    [
+        ("", {"strategy": "twowise"}, "Unknown strategy"),
+        ("", {"executor": "tpu"}, "Unknown executor"),
+        ("", {"batch_size": 0}, "batch_size must be ≥ 1"),
+        ("", {"dataset": "Not A Dataset!"}, "Unknown dataset spec"),
+        ("", {"optimizer.name": "lion"}, "Unknown optimizer"),
+        ("", {"model.balance": "time"}, r"Unknown model\.balance"),
+        ("executor=mpmd", {"steps_per_call": 2}, "needs executor=spmd"),
+        ("executor=spmd", {"steps_per_call": 2, "checkpoint_every_steps": 5}, "not a multiple"),
+        ("executor=spmd", {"max_in_flight": 3}, "for executor=mpmd only"),
+    ],
+)
+def test_validate_catches_bad_overrides(arg, overrides, match):
     from experiments.configs import fashion_mnist_resnet
 
-    for field, value, match in [
-        ("strategy", "twowise", "Unknown strategy"),
-        ("executor", "tpu", "Unknown executor"),
-        ("batch_size", 0, "batch_size must be ≥ 1"),
-        ("dataset", "Not A Dataset!", "Unknown dataset spec"),
-    ]:
-        c = fashion_mnist_resnet.get_config()
-        c[field] = value
-        with pytest.raises(ValueError, match=match):
-            builders.validate(c)
-    c = fashion_mnist_resnet.get_config()
-    c.optimizer.name = "lion"
-    with pytest.raises(ValueError, match="Unknown optimizer"):
-        builders.validate(c)
-    c = fashion_mnist_resnet.get_config("pairwise,executor=mpmd")
-    c.steps_per_call = 2
-    with pytest.raises(ValueError, match="needs executor=spmd"):
-        builders.validate(c)
-    c.executor, c.checkpoint_every_steps = "spmd", 5
-    with pytest.raises(ValueError, match="checkpoint_every_steps=5 is not a multiple"):
-        builders.validate(c)
-    c = fashion_mnist_resnet.get_config("pairwise,executor=spmd")
-    c.max_in_flight = 3
-    with pytest.raises(ValueError, match="for executor=mpmd only"):
-        builders.validate(c)
-    c = fashion_mnist_resnet.get_config()
-    c.model.balance = "time"
-    with pytest.raises(ValueError, match=r"Unknown model\.balance"):
+    c = fashion_mnist_resnet.get_config(arg)
+    for field, value in overrides.items():
+        *parents, name = field.split(".")
+        node = c
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    with pytest.raises(ValueError, match=match):
         builders.validate(c)
 
 
