@@ -32,6 +32,7 @@ from ilbp.strategy import Strategy
 
 __all__ = [
     "CostModel",
+    "MaxInFlight",
     "Op",
     "Prediction",
     "Schedule",
@@ -40,6 +41,11 @@ __all__ = [
     "stage_work",
     "throughput_table",
 ]
+
+
+# A cap on the microbatches whose residuals a stage holds: "window" (what the strategy's
+# window needs), one int for all stages, one per stage, or None (no cap).
+MaxInFlight = int | Sequence[int] | Literal["window"] | None
 
 
 @dataclasses.dataclass
@@ -104,7 +110,7 @@ def simulate(
     fused_backward: bool = False,
     priority: Priority = "sends_first",
     eager_sends: bool = True,
-    max_in_flight: int | Sequence[int] | Literal["window"] | None = "window",
+    max_in_flight: MaxInFlight = "window",
 ) -> Schedule:
     """Builds and list-schedules the op graph of `strategy` on `num_stages` devices.
 
@@ -196,9 +202,7 @@ def stage_work(
     return tuple(work)
 
 
-def _caps(
-    max_in_flight: int | Sequence[int] | str | None, strategy: Strategy, K: int
-) -> list[int] | None:
+def _caps(max_in_flight: MaxInFlight, strategy: Strategy, K: int) -> list[int] | None:
     if max_in_flight is None:
         return None
     if max_in_flight == "window":

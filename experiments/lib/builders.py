@@ -261,7 +261,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Built:
             build_optimizer(config),
             microbatches=int(config.microbatches),
             mesh=mesh,
-            **({"max_in_flight": int(config.max_in_flight)} if config.max_in_flight else {}),
+            max_in_flight=int(config.max_in_flight) or "window",
         )
         # The stages' names say where the cuts are (balance="work" moves them per strategy).
         cuts = [stage.name for stage in model.stages]

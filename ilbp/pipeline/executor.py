@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ilbp.engine import Metrics
+from ilbp.schedule import MaxInFlight
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, make_train_step
@@ -118,7 +119,7 @@ def make_executor(
     microbatches: int = 1,
     mesh: jax.sharding.Mesh | None = None,
     devices: Sequence[Any] | None = None,
-    max_in_flight: int | Sequence[int] | str | None = "window",
+    max_in_flight: MaxInFlight = "window",
 ) -> Executor:
     """An executor of `kind` ("simulated", "mpmd" or "spmd"); see the module docstring.
 

@@ -21,7 +21,7 @@ stage, so that no op reads another device's memory).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import flax.struct
 import jax
@@ -32,7 +32,7 @@ from ilbp.engine import Metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
 from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
-from ilbp.schedule import simulate
+from ilbp.schedule import MaxInFlight, simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
@@ -91,9 +91,6 @@ def stage_meshes(
     if len(set(flat)) != len(flat):
         raise ValueError("A device appears in two stages' groups; give each stage its own.")
     return [Mesh(np.array(g), (DATA_AXIS,), axis_types=(AxisType.Auto,)) for g in groups]
-
-
-MaxInFlight = int | Sequence[int] | Literal["window"] | None
 
 
 def issue_order(
