@@ -268,11 +268,11 @@ def run(args: argparse.Namespace) -> None:
         "model: from the traced ops' own durations, ratio = in-run model / traced; target "
         "0.85..1.15; held = microbatches' residuals a device holds at peak)"
     )
-    alone = sum(0.85 <= r <= 1.15 for r, _ in ratios)
-    in_run = sum(0.85 <= r <= 1.15 for _, r in ratios)
+    within_alone = sum(0.85 <= r <= 1.15 for r, _ in ratios)
+    within_in_run = sum(0.85 <= r <= 1.15 for _, r in ratios)
     print(
-        f"within 15%: the model from costs alone in {alone} of {len(ratios)} cases, the "
-        f"in-run model in {in_run} of {len(ratios)}. Ops alone cost less than in the "
+        f"within 15%: the model from costs alone in {within_alone} of {len(ratios)} cases, "
+        f"the in-run model in {within_in_run} of {len(ratios)}. Ops alone cost less than in the "
         f"pipeline where devices slow each other down (forwards together: {slowdown:.2f}× "
         "the slowest alone; 1.00 would be no interference).\n"
     )
