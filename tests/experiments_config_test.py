@@ -105,3 +105,37 @@ def test_work_balance_cuts_per_strategy():
     c = fashion_mnist_resnet.get_config("pairwise,k=4")
     flops = [stage.name for stage in builders.build_model(c, info).stages]
     assert cuts["global"] == flops != cuts["pairwise"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_spares_biases_and_norm_scales(optimizer):
+    """On a Transformer (nn.scan gives every block parameter a leading layer axis) and on
+    the same tree with a leading stage axis (the spmd layout): only kernels and
+    embeddings decay."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.configs import stdlib_lm
+    from ilbp.models import TransformerConfig, transformer_lm
+
+    c = stdlib_lm.get_config()
+    c.optimizer.update(
+        name=optimizer, learning_rate=1.0, momentum=0.0, weight_decay=0.1,
+        schedule="constant", warmup_steps=0, grad_clip_norm=0.0,
+    )  # fmt: skip
+    lm = TransformerConfig(vocab_size=32, max_len=8, num_layers=4, d_model=16, num_heads=2)
+    params, _ = transformer_lm(lm, 2).init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
+    opt = builders.build_optimizer(c)
+    for tree in (params, jax.tree.map(lambda p: p[None], params)):
+        zeros = jax.tree.map(jnp.zeros_like, tree)
+        updates, _ = opt.update(zeros, opt.init(tree), tree)
+        leaves = jax.tree_util.tree_leaves_with_path(updates)
+        names = {path[-1].key for path, _ in leaves}
+        assert names == {"kernel", "embedding", "bias", "scale"}
+        for path, update in leaves:
+            decayed = bool(np.any(np.asarray(update) != 0))
+            assert decayed == (path[-1].key in ("kernel", "embedding")), jax.tree_util.keystr(path)
+    stacked_scales = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
+                      if path[-1].key == "scale" and p.ndim > 1]  # fmt: skip
+    assert stacked_scales  # what `ndim > 1` took for kernels

@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
             nesterov=False,
             b1=0.9,
             b2=0.999,
-            weight_decay=5e-4,  # on kernels only (ndim > 1)
+            weight_decay=5e-4,  # on kernels and embeddings only
             warmup_steps=0,
             schedule="cosine",  # "cosine" (to 0 after warmup) or "constant"
             grad_clip_norm=0.0,  # per stage; 0 = off

@@ -97,17 +97,33 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
 
 
+# Parameters that weight decay applies to, by leaf name: weight matrices (dense and conv
+# kernels, embeddings), never biases or normalisation scales. By name, not by ndim:
+# nn.scan gives every Transformer block parameter a leading layer axis and stacked SPMD
+# stages add another, so a LayerNorm scale can have any rank.
+DECAYED_PARAMS: tuple[str, ...] = ("kernel", "embedding")
+
+
+def decay_mask(params: Any) -> Any:
+    """A tree like `params` (any executor's layout) of bools: True where weight decay applies."""
+
+    def decayed(path: tuple, _) -> bool:
+        last = path[-1] if path else None
+        return getattr(last, "key", getattr(last, "name", None)) in DECAYED_PARAMS
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD+momentum or AdamW with the config's schedule; weight decay on kernels only."""
+    """SGD+momentum or AdamW with the config's schedule; weight decay on `DECAYED_PARAMS`."""
     opt = config.optimizer
     schedule = learning_rate_schedule(config)
-    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     parts = []
     if opt.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
     if opt.name == "sgd":
         if opt.weight_decay:
-            parts.append(optax.add_decayed_weights(float(opt.weight_decay), mask=kernels))
+            parts.append(optax.add_decayed_weights(float(opt.weight_decay), mask=decay_mask))
         parts.append(optax.sgd(schedule, float(opt.momentum) or None, bool(opt.nesterov)))
     elif opt.name == "adam":
         parts.append(
@@ -116,7 +132,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
                 float(opt.b1),
                 float(opt.b2),
                 weight_decay=float(opt.weight_decay),
-                mask=kernels,
+                mask=decay_mask,
             )
         )
     else:
