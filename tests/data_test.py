@@ -145,6 +145,15 @@ def test_real_fashion_mnist():
     assert np.array_equal(np.bincount(labels), np.full(10, 1000))
 
 
+@pytest.mark.parametrize("content", [b"<html>not found</html>", b"\x1f\x8b broken gzip"])
+def test_a_file_that_is_not_idx_is_named(tmp_path, content):
+    _write_idx_dir(str(tmp_path), compress=True)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{bad}: "):
+        data.make_split(f"idx:{tmp_path}", "test")
+
+
 def test_idx_missing(tmp_path):
     with pytest.raises(data.DataMissingError, match="idx:DIR"):
         data.make_split(f"idx:{tmp_path}", "train")
