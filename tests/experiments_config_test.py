@@ -197,3 +197,66 @@ def test_weight_decay_spares_biases_and_norm_scales(optimizer):
     stacked_scales = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
                       if path[-1].key == "scale" and p.ndim > 1]  # fmt: skip
     assert stacked_scales  # what `ndim > 1` took for kernels
+
+
+FASHION = "experiments/configs/fashion_mnist_resnet.py"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.batch_sise=3", "no field batch_sise; did you mean --config.batch_size or"),
+        ("--config.optimizer.learning_rat=1", "did you mean --config.optimizer.learning_rate?"),
+        ("--config.optimizer.lr=1", "no field optimizer.lr; config.optimizer has: b1, b2,"),
+        ("--config.foo.bar=1", "no field foo; the config has: augment, aux_weight,"),
+        ("--config.seed.x=1", "has config.seed = 0, which has no fields."),
+        ("--config.model.layout=4,1", None),
+    ],
+)
+def test_an_unknown_config_field_is_named_with_the_closest(override, expected):
+    import experiments.train  # noqa: F401 - defines the --config flag
+    from experiments.lib import cli
+
+    argv = ["train", f"--config={FASHION}:pairwise", "--workdir=w", override]
+    message = cli.unknown_override(argv)
+    if expected is None:
+        assert message is None
+    else:
+        assert message.startswith(f"{override.partition('=')[0]}: {FASHION} has ")
+        assert expected in message
+
+
+def test_both_entry_points_name_an_unknown_field_without_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    runs = {
+        module: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"experiments.{module}",
+                f"--config={FASHION}",
+                "--workdir=unused",
+                "--config.optimizer.learning_rat=0.1",
+            ],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in ("train", "compare")
+    }
+    for module, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 1, (module, err[-2000:])
+        assert err.strip().splitlines() == [
+            "error: --config.optimizer.learning_rat: "
+            f"{FASHION} has no field optimizer.learning_rat; "
+            "did you mean --config.optimizer.learning_rate?"
+        ], module
+        assert not os.path.exists(os.path.join(repo, "unused"))
