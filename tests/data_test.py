@@ -458,18 +458,18 @@ def test_tfds_not_prepared_fails_fast(tmp_path):
         data.make_split("no_such_dataset_xyz", data_dir=str(tmp_path))
 
 
-def test_sentencepiece_is_optional():
+def test_sentencepiece_is_optional(monkeypatch):
+    """The byte tokenizer needs nothing; without `sentencepiece` (simulated, so the test
+    asserts the same whether or not it is installed) spm asks for it by name."""
     from ilbp.data.tfds_sources import make_tokenizer
 
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="optional `sentencepiece`"):
-            make_tokenizer("spm:/nonexistent.model")
-    else:
-        pytest.skip("sentencepiece installed; the missing-package path is not reachable")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import` raises ImportError
     encode, vocab = make_tokenizer("byte")
     assert vocab == 256 and encode("hé").tolist() == [10, 104, 195, 169]
+    with pytest.raises(ImportError, match="optional `sentencepiece`"):
+        make_tokenizer("spm:/nonexistent.model")
+    with pytest.raises(ValueError, match="Unknown tokenizer 'bpe'"):
+        make_tokenizer("bpe")
 
 
 def test_gzip_detected_by_content(tmp_path):
