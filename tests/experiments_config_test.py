@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -202,61 +205,75 @@ def test_weight_decay_spares_biases_and_norm_scales(optimizer):
 FASHION = "experiments/configs/fashion_mnist_resnet.py"
 
 
+MISSING = "error: --config=no_such_config.py: cannot load the config file: [Errno 2] No such"
+BAD_ARG = (
+    f"error: flag --config={FASHION}:pairwise:sum,combine=mean: Config arg "
+    "'pairwise:sum,combine=mean' gives two combine rules, 'sum' and 'mean'; keep one."
+)
+
+
 @pytest.mark.parametrize(
-    "override, expected",
+    "args, expected",
     [
-        ("--config.batch_sise=3", "no field batch_sise; did you mean --config.batch_size or"),
-        ("--config.optimizer.learning_rat=1", "did you mean --config.optimizer.learning_rate?"),
-        ("--config.optimizer.lr=1", "no field optimizer.lr; config.optimizer has: b1, b2,"),
-        ("--config.foo.bar=1", "no field foo; the config has: augment, aux_weight,"),
-        ("--config.seed.x=1", "has config.seed = 0, which has no fields."),
-        ("--config.model.layout=4,1", None),
+        (["--config.batch_sise=3"], "no field batch_sise; did you mean --config.batch_size or"),
+        (["--config.optimizer.learning_rat=1"], "did you mean --config.optimizer.learning_rate?"),
+        (["--config.optimizer.lr=1"], "no field optimizer.lr; config.optimizer has: b1, b2,"),
+        (["--config.foo.bar=1"], "no field foo; the config has: augment, aux_weight,"),
+        (["--config.seed.x=1"], "has config.seed = 0, which has no fields."),
+        ([f"--config={FASHION}:pairwise:sum,combine=mean"], BAD_ARG),
+        (["--config=no_such_config.py"], MISSING),
+        (["--config.model.layout=4,1"], None),
     ],
 )
-def test_an_unknown_config_field_is_named_with_the_closest(override, expected):
-    import experiments.train  # noqa: F401 - defines the --config flag
+def test_command_line_errors_are_one_line(args, expected, monkeypatch):
+    """An unknown --config.FIELD is named with the closest fields; a bad config arg or
+    file is one line; all without a traceback."""
+    from absl import flags
+    from ml_collections import config_flags
+
     from experiments.lib import cli
 
-    argv = ["train", f"--config={FASHION}:pairwise", "--workdir=w", override]
-    message = cli.unknown_override(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    argv = ["prog", *([] if args[0].startswith("--config=") else [f"--config={FASHION}"]), *args]
+    monkeypatch.setattr(sys, "argv", argv)  # where ml_collections reads overrides
     if expected is None:
-        assert message is None
+        cli.parse_flags(argv, fv)
+        assert fv.config.model.layout == "4,1"
+        return
+    with pytest.raises(SystemExit) as e:
+        cli.parse_flags(argv, fv)
+    message = str(e.value)
+    if args[0].startswith("--config."):
+        prefix = f"error: {args[0].partition('=')[0]}: {FASHION} has "
+        assert message.startswith(prefix) and expected in message
     else:
-        assert message.startswith(f"{override.partition('=')[0]}: {FASHION} has ")
-        assert expected in message
+        assert message.startswith(expected) and "Traceback" not in message
 
 
-def test_both_entry_points_name_an_unknown_field_without_a_traceback():
-    import os
-    import subprocess
-    import sys
-
+def test_both_entry_points_report_command_line_errors():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    cases = {
+        ("train", f"--config={FASHION}", "--config.optimizer.learning_rat=0.1"): (
+            f"error: --config.optimizer.learning_rat: {FASHION} has no field "
+            "optimizer.learning_rat; did you mean --config.optimizer.learning_rate?"
+        ),
+        ("compare", f"--config={FASHION}:pairwise:sum,combine=mean"): BAD_ARG,
+    }
     runs = {
-        module: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                f"experiments.{module}",
-                f"--config={FASHION}",
-                "--workdir=unused",
-                "--config.optimizer.learning_rat=0.1",
-            ],
+        case: subprocess.Popen(
+            [sys.executable, "-m", f"experiments.{case[0]}", *case[1:], "--workdir=unused"],
             cwd=repo,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for module in ("train", "compare")
+        for case in cases
     }
-    for module, run in runs.items():
+    for case, run in runs.items():
         _, err = run.communicate(timeout=300)
-        assert run.returncode == 1, (module, err[-2000:])
-        assert err.strip().splitlines() == [
-            "error: --config.optimizer.learning_rat: "
-            f"{FASHION} has no field optimizer.learning_rat; "
-            "did you mean --config.optimizer.learning_rate?"
-        ], module
-        assert not os.path.exists(os.path.join(repo, "unused"))
+        assert run.returncode == 1, (case, err[-2000:])
+        assert err.strip().splitlines()[0] == cases[case], case
+    assert not os.path.exists(os.path.join(repo, "unused"))
