@@ -18,6 +18,11 @@ def idx_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return fx.write_text_file(str(tmp_path_factory.mktemp("text") / "corpus.txt"))
+
+
+@pytest.fixture(scope="module")
 def trained(idx_dir, tmp_path_factory):
     """A finished 2-step K=3 run (the same program as the trainer tests)."""
     workdir = str(tmp_path_factory.mktemp("trained"))
@@ -31,6 +36,30 @@ def test_unknown_strategy_fails_before_creating_the_workdir(idx_dir, tmp_path):
     with pytest.raises(ValueError, match="Unknown strategy 'fivewise:last'"):
         trainer.train_and_evaluate(c, str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, arg, overrides, expected",
+    [
+        ("image", "pairwise,k=5", {}, r"config\.model \(K=5\): num_stages=5 must be"),
+        ("image", "pairwise,k=2", {"image_size": 16}, r"config\.image_size=16 resizes TFDS"),
+        ("image", "pairwise,k=2", {"augment": "crop_flipp"}, "Unknown augmentation"),
+        ("image", "pairwise,k=2", {"batch_size": 64}, r"batch_size=64 is larger than the 48"),
+        ("image", "pairwise,k=2", {"eval_batch_size": 0}, r"eval_batch_size must be ≥ 1"),
+        ("text", "pairwise,k=2", {"augment": "flip"}, r"config\.augment='flip' augments images"),
+        ("text", "pairwise,k=2", {"seq_len": 20_000}, r"seq_len=20000 \(train\): .* too few"),
+    ],
+)
+def test_bad_model_data_or_size_leaves_no_workdir(
+    idx_dir, text_file, tmp_path, kind, arg, overrides, expected
+):
+    if kind == "image":
+        c = fx.tiny_image_config(f"idx:{idx_dir}", arg)
+    else:
+        c = fx.tiny_text_config(f"text:{text_file}", arg)
+    with pytest.raises(ValueError, match=expected):
+        trainer.train_and_evaluate(fx.override(c, overrides), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_dataset_directory(tmp_path):
