@@ -60,14 +60,18 @@ def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> di
     data_dir and name.
     """
     opt = config.optimizer
-    text = info.kind == "text"
+    size = (
+        {"seq_len": int(config.seq_len)}
+        if info.kind == "text"
+        else {"image_size": config.image_size}
+    )
     fields = {
         "num_stages": int(config.num_stages),
         "model": builders.model_fields(config, info),
         "strategy": builders.build_strategy(config).name,
         "aux_weight": float(config.aux_weight),
         "dataset": config.dataset,
-        "seq_len" if text else "image_size": int(config.seq_len) if text else config.image_size,
+        **size,
         "augment": builders.train_augment(config, info),
         "optimizer": opt.name,
         **{f"optimizer.{name}": opt[name] for name in builders.OPTIMIZER_FIELDS[opt.name]},
@@ -157,19 +161,8 @@ def train_and_evaluate(
       ValueError (bad config), ilbp.data.DataMissingError, ExperimentError subclasses
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
-    builders.validate(config)
-    train_src = builders.build_data(config, "train")
-    test_src = builders.build_data(config, "test")
-    builders.check_data(config, train_src)
+    workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
     info = train_src.info
-    workdir = prepare_workdir(workdir)
-    ckpts = Checkpoints(workdir, fingerprint(config, info), int(config.max_to_keep))
-    try:
-        latest = resumable_step(ckpts, int(config.num_train_steps))
-    except ExperimentError:
-        ckpts.close()
-        raise
-
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
     it = data.batches(
@@ -205,14 +198,7 @@ def train_and_evaluate(
             # intervals are multiples of it, so only a stop_after cut is shorter.
             n = min(per_call, end - step)
             t0 = time.perf_counter()
-            if per_call == 1:
-                state, metrics = ex.step(state, next(it))
-                per_step = [jax.device_get(metrics)]
-            else:
-                batches = [next(it) for _ in range(n)]
-                state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
-                metrics = jax.device_get(metrics)
-                per_step = [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+            state, per_step = _call(ex, state, it, n, per_call)
             step_time = (time.perf_counter() - t0) / n
             if step > start:  # this process's first call includes compilation
                 step_times.append(step_time)
@@ -248,11 +234,6 @@ def train_and_evaluate(
         bar.close()
         ckpts.close()
         writer.close()
-    # A run resumed at its end keeps the step time and wall time it measured.
-    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
-    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-            previous.update({k: v for k, v in json.load(f).items() if k in previous})
     summary = {
         "name": config.name,
         "strategy": built.strategy.name,
@@ -263,8 +244,58 @@ def train_and_evaluate(
         "test_examples": len(test_src),
         "metric": "perplexity" if text else "accuracy",
         "test": final,
+    }
+    return _write_summary(workdir, summary, step_times, time.perf_counter() - wall)
+
+
+def _call(ex: Any, state: Any, it: data.BatchIterator, n: int, per_call: int) -> tuple:
+    """`n` steps in one executor call (overlapped by spmd's `steps` if per_call > 1):
+    (the new state, a host dict of metrics per step)."""
+    if per_call == 1:
+        state, metrics = ex.step(state, next(it))
+        return state, [jax.device_get(metrics)]
+    batches = [next(it) for _ in range(n)]
+    state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
+    metrics = jax.device_get(metrics)
+    return state, [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+
+
+def open_run(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[str, Any, Any, Checkpoints, int | None]:
+    """Checks `config`, reads its data, then opens `workdir` and its checkpoints, in
+    that order, so that bad input fails before any file is written.
+
+    Returns (workdir's absolute path, train source, test source, its Checkpoints, the
+    step to resume from or None).
+    """
+    builders.validate(config)
+    train_src = builders.build_data(config, "train")
+    test_src = builders.build_data(config, "test")
+    builders.check_data(config, train_src)
+    workdir = prepare_workdir(workdir)
+    ckpts = Checkpoints(workdir, fingerprint(config, train_src.info), int(config.max_to_keep))
+    try:
+        latest = resumable_step(ckpts, int(config.num_train_steps))
+    except ExperimentError:
+        ckpts.close()
+        raise
+    return workdir, train_src, test_src, ckpts, latest
+
+
+def _write_summary(
+    workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
+) -> dict[str, Any]:
+    """Adds timing and the workdir to `summary` and writes WORKDIR/summary.json."""
+    # A run resumed at its end keeps the step time and wall time it measured.
+    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
+    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            previous.update({k: v for k, v in json.load(f).items() if k in previous})
+    summary = {
+        **summary,
         "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
-        "wall_time_s": time.perf_counter() - wall + previous["wall_time_s"],
+        "wall_time_s": wall_time + previous["wall_time_s"],
         "workdir": workdir,
     }
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
