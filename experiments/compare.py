@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.lib.checkpoints import ExperimentError
+from experiments.lib.cli import parse_flags
 from experiments.lib.report import compare
 from ilbp.data import DataMissingError
 
@@ -45,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

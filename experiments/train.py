@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.lib.checkpoints import ExperimentError
+from experiments.lib.cli import parse_flags
 from experiments.lib.trainer import format_summary, train_and_evaluate
 from ilbp.data import DataMissingError
 
@@ -38,4 +39,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -145,6 +145,15 @@ def test_real_fashion_mnist():
     assert np.array_equal(np.bincount(labels), np.full(10, 1000))
 
 
+@pytest.mark.parametrize("content", [b"<html>not found</html>", b"\x1f\x8b broken gzip"])
+def test_a_file_that_is_not_idx_is_named(tmp_path, content):
+    _write_idx_dir(str(tmp_path), compress=True)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{bad}: "):
+        data.make_split(f"idx:{tmp_path}", "test")
+
+
 def test_idx_missing(tmp_path):
     with pytest.raises(data.DataMissingError, match="idx:DIR"):
         data.make_split(f"idx:{tmp_path}", "train")
@@ -449,18 +458,18 @@ def test_tfds_not_prepared_fails_fast(tmp_path):
         data.make_split("no_such_dataset_xyz", data_dir=str(tmp_path))
 
 
-def test_sentencepiece_is_optional():
+def test_sentencepiece_is_optional(monkeypatch):
+    """The byte tokenizer needs nothing; without `sentencepiece` (simulated, so the test
+    asserts the same whether or not it is installed) spm asks for it by name."""
     from ilbp.data.tfds_sources import make_tokenizer
 
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="optional `sentencepiece`"):
-            make_tokenizer("spm:/nonexistent.model")
-    else:
-        pytest.skip("sentencepiece installed; the missing-package path is not reachable")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import` raises ImportError
     encode, vocab = make_tokenizer("byte")
     assert vocab == 256 and encode("hé").tolist() == [10, 104, 195, 169]
+    with pytest.raises(ImportError, match="optional `sentencepiece`"):
+        make_tokenizer("spm:/nonexistent.model")
+    with pytest.raises(ValueError, match="Unknown tokenizer 'bpe'"):
+        make_tokenizer("bpe")
 
 
 def test_gzip_detected_by_content(tmp_path):

@@ -93,3 +93,42 @@ def test_routed_sends_only_what_earlier_stages_use():
     assert [len(p.input_vjps) for p in pairwise][1:-1] == [1] * (K - 2)
     three = ilbp.Strategy.nwise(3).plan(K)
     assert max(len(p.sends) for p in three) == 2
+
+
+def test_aux_weights_scale_each_loss_in_both_engines():
+    """θ_k's gradient is Σ_j c_kj w_j ∂L_j/∂θ_k and φ_k's is w_k ∂L_k/∂φ_k, with aux
+    weights w = (0.5, 2, 1) and w_{K-1} = 1; each ∂L_j by backprop through the stages."""
+    K, weights = 4, (0.5, 2.0, 1.0)
+    w = [*weights, 1.0]
+    with jax.enable_x64(True):
+        model, params, state, batch = setup(K, seed=3)
+        rng = jax.random.key(4)
+
+        def loss(params, j):
+            h = batch["inputs"]
+            for k in range(j + 1):
+                rng_stage, rng_head = ilbp.stage.stage_rngs(rng, k)
+                h, _ = model.stages[k].apply(
+                    params[k]["stage"], state[k]["stage"], h, rng_stage, True
+                )
+            if j < K - 1:
+                h, _ = model.heads[j].apply(params[j]["head"], state[j]["head"], h, rng_head, True)
+            return model.head_loss(j)(h, batch)[0]
+
+        per_loss = [jax.grad(loss)(params, j) for j in range(K)]  # ∂L_j, all stages
+        for spec in ("pairwise", "3wise:sum", "3wise:mean"):
+            base = ilbp.Strategy.parse(spec)
+            strategy = ilbp.Strategy(base.window, base.combine, aux_weights=weights)
+            plan = strategy.plan(K)
+            for engine in (ilbp.spec_grads, ilbp.routed_grads):
+                got, _, _ = engine(model, strategy, params, state, batch, rng)
+                for k in range(K):
+                    coeffs = [plan.coefficient(k, j) * w[j] for j in range(K)]
+                    want = jax.tree.map(
+                        lambda *g, c=coeffs: sum(ci * gi for ci, gi in zip(c, g)),
+                        *[per_loss[j][k]["stage"] for j in range(K)],
+                    )
+                    assert_trees_close(got[k]["stage"], want, what=f"{spec} θ_{k}")
+                    if k < K - 1:
+                        head = jax.tree.map(lambda g, k=k: w[k] * g, per_loss[k][k]["head"])
+                        assert_trees_close(got[k]["head"], head, what=f"{spec} φ_{k}")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments.lib import checkpoints, report
+from experiments.lib import builders, checkpoints, report
 from tests import experiments_fixtures as fx
 
 
@@ -40,10 +40,15 @@ def test_compare_writes_results(idx_dir, tmp_path):
     assert len(runs) == 4 and {"aux/0/accuracy", "aux/1/accuracy"} <= set(runs[0])
     assert os.path.getsize(tmp_path / "test_accuracy.png") > 1000
 
-    # Into the same workdir with another K: refused before any run, nothing changed.
+    # Into the same workdir with another K or learning rate: refused before any run,
+    # nothing changed (a finished run is never reused under another setting).
     before = fx.tree_digest(str(tmp_path))
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match="K=3 stages"):
         report.compare(_config(idx_dir, "k=2"), str(tmp_path))
+    c = _config(idx_dir)
+    c.optimizer.learning_rate = 0.05
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="learning_rate: checkpo"):
+        report.compare(c, str(tmp_path))
     assert fx.tree_digest(str(tmp_path)) == before
 
 
@@ -57,3 +62,23 @@ def test_compare_bad_lists(idx_dir, tmp_path):
     with pytest.raises(ValueError, match="seeds must be integers"):
         report.compare(c, str(tmp_path / "b"))
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_compare_keeps_the_config_rule_unless_the_name_has_one(idx_dir):
+    c = _config(idx_dir, "k=3,combine=sum")
+    c.compare.strategies, c.compare.seeds = "pairwise,nwise=3:mean,global:last", "0"
+    runs = report.run_configs(c)
+    names = [builders.build_strategy(r).name for r in runs]
+    assert names == ["pairwise:sum", "3wise:mean", "global"]
+    dirs = [os.path.relpath(report.run_dir("w", r), "w") for r in runs]
+    assert dirs == ["pairwise_sum/seed0", "3wise_mean/seed0", "global/seed0"]
+
+
+def test_compare_run_directories_name_the_aux_weight(idx_dir):
+    c = _config(idx_dir)
+    c.compare.seeds = "3"
+    runs = report.run_configs(c)
+    assert report.run_dir("w", runs[1]) == os.path.join("w", "pairwise", "seed3")
+    c.aux_weight = 0.5
+    runs = report.run_configs(c)
+    assert report.run_dir("w", runs[1]) == os.path.join("w", "pairwise_aux0.5", "seed3")

@@ -18,6 +18,11 @@ def idx_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return fx.write_text_file(str(tmp_path_factory.mktemp("text") / "corpus.txt"))
+
+
+@pytest.fixture(scope="module")
 def trained(idx_dir, tmp_path_factory):
     """A finished 2-step K=3 run (the same program as the trainer tests)."""
     workdir = str(tmp_path_factory.mktemp("trained"))
@@ -33,43 +38,160 @@ def test_unknown_strategy_fails_before_creating_the_workdir(idx_dir, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(
+    "kind, arg, overrides, expected",
+    [
+        ("image", "pairwise,k=5", {}, r"config\.model \(K=5\): num_stages=5 must be"),
+        ("image", "pairwise,k=2", {"image_size": 16}, r"config\.image_size=16 resizes TFDS"),
+        ("image", "pairwise,k=2", {"augment": "crop_flipp"}, "Unknown augmentation"),
+        ("image", "pairwise,k=2", {"batch_size": 64}, r"batch_size=64 is larger than the 48"),
+        ("image", "pairwise,k=2", {"eval_batch_size": 0}, r"eval_batch_size must be ≥ 1"),
+        ("text", "pairwise,k=2", {"augment": "flip"}, r"config\.augment='flip' augments images"),
+        ("text", "pairwise,k=2", {"seq_len": 20_000}, r"seq_len=20000 \(train\): .* too few"),
+    ],
+)
+def test_bad_model_data_or_size_leaves_no_workdir(
+    idx_dir, text_file, tmp_path, kind, arg, overrides, expected
+):
+    if kind == "image":
+        c = fx.tiny_image_config(f"idx:{idx_dir}", arg)
+    else:
+        c = fx.tiny_text_config(f"text:{text_file}", arg)
+    with pytest.raises(ValueError, match=expected):
+        trainer.train_and_evaluate(fx.override(c, overrides), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_dataset_directory(tmp_path):
     c = fx.tiny_image_config(f"idx:{tmp_path / 'nowhere'}")
     with pytest.raises(DataMissingError, match="No IDX train split in"):
         trainer.train_and_evaluate(c, str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run") == []
+    assert not (tmp_path / "run").exists()
 
 
-def test_unwritable_workdir(idx_dir, tmp_path):
+def test_unwritable_workdir(idx_dir, tmp_path, monkeypatch):
+    """A workdir under a file, one that is a file, and a directory refusing writes (as
+    root, which ignores permission bits, simulated by refusing the write probe)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
     c = fx.tiny_image_config(f"idx:{idx_dir}")
-    with pytest.raises(checkpoints.WorkdirError, match="Cannot write to --workdir="):
-        trainer.train_and_evaluate(c, str(blocker / "run"))
+    for workdir in (blocker / "run", blocker):
+        with pytest.raises(checkpoints.WorkdirError, match=f"Cannot write to --workdir={workdir}"):
+            trainer.train_and_evaluate(c, str(workdir))
     assert blocker.read_text() == "keep me"
-    if os.geteuid() != 0:  # root ignores permission bits
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        with pytest.raises(checkpoints.WorkdirError, match="Cannot write"):
-            trainer.train_and_evaluate(c, str(locked))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(checkpoints.WorkdirError, match=r"Permission denied\. Choose a writable"):
+        trainer.train_and_evaluate(c, str(tmp_path / "locked"))
+
+
+@pytest.fixture(scope="module")
+def interrupted(idx_dir, tmp_path_factory):
+    """A 2-step K=3 run stopped after step 1 (the same program as `trained`)."""
+    workdir = str(tmp_path_factory.mktemp("interrupted"))
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    assert trainer.train_and_evaluate(c, workdir, stop_after=1)["stopped_at"] == 1
+    return workdir
+
+
+# (config arg, overrides, the field, its value in the checkpoint, in the config): the
+# fields that change the trajectory.
+P = "pairwise,k=3"
+CHANGED = [
+    ("pairwise,k=2", {}, "num_stages", 3, 2),
+    (P, {"model.layout": "4,1/8,2"}, "model.layout", "4,1/8,1", "4,1/8,2"),
+    ("global,k=3", {}, "strategy", "pairwise", "global"),
+    ("pairwise:sum,k=3", {}, "strategy", "pairwise", "pairwise:sum"),
+    (P, {"aux_weight": 0.5}, "aux_weight", 1.0, 0.5),
+    (P, {"optimizer.name": "adam"}, "optimizer", "sgd", "adam"),
+    (P, {"optimizer.learning_rate": 0.05}, "optimizer.learning_rate", 0.1, 0.05),
+    (P, {"optimizer.grad_clip_norm": 1.0}, "optimizer.grad_clip_norm", 0.0, 1.0),
+    (P, {"optimizer.momentum": 0.0}, "optimizer.momentum", 0.9, 0.0),
+    (P, {"optimizer.weight_decay": 0.0}, "optimizer.weight_decay", 5e-4, 0.0),
+    (P, {"optimizer.schedule": "constant"}, "optimizer.schedule", "cosine", "constant"),
+    (P, {"num_train_steps": 4}, "num_train_steps", 2, 4),
+    (P, {"batch_size": 4}, "batch_size", 8, 4),
+    ("pairwise,k=3,m=2", {}, "microbatches", 1, 2),
+    (P, {"seed": 1}, "seed", 0, 1),
+    (P, {"augment": "flip"}, "augment", None, "flip"),
+]
 
 
 @pytest.mark.parametrize(
-    "arg, change, expected",
-    [
-        ("pairwise,k=2", {}, "checkpoint has K=3 stages, config asks for K=2"),
-        ("pairwise,k=3", {"layout": "4,1/8,2"}, "model.layout: checkpoint has '4,1/8,1'"),
-        ("global,k=3", {}, "strategy: checkpoint has 'pairwise', config asks for 'global'"),
-    ],
-    ids=["K", "architecture", "strategy"],
+    "arg, overrides, field, old, new", CHANGED, ids=[f"{c[2]}={c[4]}" for c in CHANGED]
 )
-def test_incompatible_checkpoint_is_refused_untouched(trained, idx_dir, arg, change, expected):
-    before = fx.tree_digest(trained)
-    c = fx.tiny_image_config(f"idx:{idx_dir}", arg, **change)
-    with pytest.raises(checkpoints.IncompatibleCheckpointError, match=expected) as e:
-        trainer.train_and_evaluate(c, trained)
-    assert "use a new --workdir" in str(e.value).lower()
-    assert fx.tree_digest(trained) == before
+def test_resuming_with_another_trajectory_is_refused_untouched(
+    interrupted, idx_dir, arg, overrides, field, old, new
+):
+    before = fx.tree_digest(interrupted)
+    c = fx.override(fx.tiny_image_config(f"idx:{idx_dir}", arg), overrides)
+    with pytest.raises(checkpoints.IncompatibleCheckpointError) as e:
+        trainer.train_and_evaluate(c, interrupted)
+    message = str(e.value)
+    if field == "num_stages":
+        assert f"checkpoint has K={old} stages, config asks for K={new}" in message
+    else:
+        assert f"{field}: checkpoint has {old!r}, config asks for {new!r}" in message
+    assert "use a new --workdir to start fresh" in message and "corrupt" not in message
+    assert fx.tree_digest(interrupted) == before
+
+
+def test_resuming_with_other_cadences_and_sizes_is_allowed(interrupted, idx_dir, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(interrupted, workdir)
+    c = fx.override(
+        fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3"),
+        {
+            "eval_every_steps": 2, "eval_examples": 8, "eval_batch_size": 8,
+            "log_every_steps": 2, "checkpoint_every_steps": 2, "max_to_keep": 1,
+            "name": "renamed",
+        },
+    )  # fmt: skip
+    summary = trainer.train_and_evaluate(c, workdir)
+    assert summary["resumed_from"] == 1 and summary["steps"] == 2
+
+
+def test_a_constant_schedule_can_be_extended(idx_dir, tmp_path):
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    c.optimizer.schedule = "constant"
+    trainer.train_and_evaluate(c, str(tmp_path))
+    c.num_train_steps = 3
+    assert trainer.train_and_evaluate(c, str(tmp_path))["resumed_from"] == 2
+    before = fx.tree_digest(str(tmp_path))
+    c.num_train_steps = 2
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="step 3, past config"):
+        trainer.train_and_evaluate(c, str(tmp_path))
+    assert fx.tree_digest(str(tmp_path)) == before
+
+
+def test_a_checkpoint_from_before_the_full_fingerprint_resumes(
+    interrupted, idx_dir, tmp_path, capsys
+):
+    """Checkpoints that recorded only K, model, strategy, dataset and optimizer name are
+    checked on those and resumed with a note naming what they do not record."""
+    import json
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(interrupted, workdir)
+    path = os.path.join(workdir, "checkpoints", "1", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    legacy = ("num_stages", "model", "strategy", "dataset", "optimizer")
+    meta["fingerprint"] = {k: meta["fingerprint"][k] for k in legacy}
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "global,k=3")
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="strategy: checkpoint"):
+        trainer.train_and_evaluate(c, workdir)
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    assert trainer.train_and_evaluate(c, workdir)["resumed_from"] == 1
+    assert "does not record aux_weight, image_size, augment" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("part", ["state", "meta"])

@@ -71,6 +71,17 @@ def tiny_text_config(dataset: str, arg: str = "pairwise,k=2") -> ml_collections.
     return c
 
 
+def override(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted fields ("optimizer.learning_rate") as `--config.FIELD=VALUE` would."""
+    for field, value in overrides.items():
+        *parents, name = field.split(".")
+        node = c
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return c
+
+
 def tree_digest(directory: str) -> dict[str, str]:
     """{relative path: sha256} of every file under `directory` (to prove nothing changed)."""
     out = {}

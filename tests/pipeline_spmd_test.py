@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,8 +33,16 @@ BATCHES = [lm_batch(t) for t in range(STEPS)]
 
 
 @functools.cache
-def initial_state() -> ilbp.TrainState:
-    return ilbp.init_train_state(MODEL, OPT, jax.random.key(0), BATCHES[0])
+def model_for(num_stages: int = K) -> ilbp.StagedModel:
+    """MODEL, or the same blocks one per stage for another K."""
+    if num_stages == K:
+        return MODEL
+    return transformer_lm(dataclasses.replace(CONFIG, num_layers=num_stages), num_stages)
+
+
+@functools.cache
+def initial_state(num_stages: int = K) -> ilbp.TrainState:
+    return ilbp.init_train_state(model_for(num_stages), OPT, jax.random.key(0), BATCHES[0])
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +55,18 @@ def stacked(batches):
 
 
 @functools.cache
-def spmd_run(spec: str, microbatches: int, data: int):
-    """(executor, final state, last step's metrics) of STEPS SPMD steps in one overlapped
-    `steps` call; cached so that the multi-process test (which calls `step` STEPS times)
-    compares against this run without compiling it again."""
-    mesh = ilbp.make_mesh(stage=K, data=data)
-    ex = make_executor("spmd", MODEL, spec, OPT, microbatches=microbatches, mesh=mesh)
-    st = ex.from_train_state(initial_state())
+def spmd_run(spec, microbatches: int, data: int, num_stages: int = K):
+    """(executor, final state, every step's metrics [STEPS]) of STEPS SPMD steps in one
+    overlapped `steps` call; cached so that the multi-process test (which calls `step`
+    STEPS times) compares against this run without compiling it again."""
+    mesh = ilbp.make_mesh(stage=num_stages, data=data)
+    ex = make_executor(
+        "spmd", model_for(num_stages), spec, OPT, microbatches=microbatches, mesh=mesh
+    )
+    st = ex.from_train_state(initial_state(num_stages))
     st, metrics = ex.steps(st, stacked(BATCHES))
     assert all(v.shape[0] == STEPS for v in metrics.values())
-    return ex, st, jax.tree.map(lambda v: v[-1], metrics)
+    return ex, st, metrics
 
 
 def _assert_placed(ex, st) -> None:
@@ -71,12 +82,20 @@ def _assert_placed(ex, st) -> None:
         assert np.all(np.isnan(np.asarray(leaf)[1:])) and np.all(np.isfinite(np.asarray(leaf)[0]))
 
 
-def run_both(spec: str, microbatches: int, initial, data: int = 1):
-    ref = make_executor("simulated", MODEL, spec, OPT, microbatches=microbatches)
-    rs = initial
-    for batch in BATCHES:
+def run_both(spec, microbatches: int, data: int = 1, num_stages: int = K):
+    """The SPMD run and STEPS single-program steps from the same state, their metrics
+    compared at every step; returns (executor, SPMD state, reference state)."""
+    ref = make_executor("simulated", model_for(num_stages), spec, OPT, microbatches=microbatches)
+    ex, st, metrics = spmd_run(spec, microbatches, data, num_stages)
+    rs = initial_state(num_stages)
+    for t, batch in enumerate(BATCHES):
         rs, ref_metrics = ref.step(rs, batch)
-    return (*spmd_run(spec, microbatches, data), rs, ref_metrics)
+        assert sorted(metrics) == sorted(ref_metrics)
+        for name, want in ref_metrics.items():
+            np.testing.assert_allclose(
+                metrics[name][t], want, rtol=1e-5, err_msg=f"step {t}: {name}"
+            )
+    return ex, st, rs
 
 
 def assert_same(ts: ilbp.TrainState, rs: ilbp.TrainState) -> None:
@@ -87,16 +106,32 @@ def assert_same(ts: ilbp.TrainState, rs: ilbp.TrainState) -> None:
 
 @pytest.mark.parametrize("microbatches", [1, 2])
 @pytest.mark.parametrize("spec", STRATEGIES)
-def test_matches_single_program(spec, microbatches, initial):
+def test_matches_single_program(spec, microbatches):
     # One case composes with data parallelism: stage=4 × data=2, the batch split over
     # `data` inside the program that is manual over `stage` only.
     data = 2 if (spec, microbatches) == ("pairwise:sum", 2) else 1
-    ex, st, metrics, rs, ref_metrics = run_both(spec, microbatches, initial, data)
+    ex, st, rs = run_both(spec, microbatches, data)
     assert ex.mesh.shape["data"] == data
     _assert_placed(ex, st)
-    assert sorted(metrics) == sorted(ref_metrics)
-    for name in ref_metrics:
-        np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5, err_msg=name)
+    assert_same(ex.to_train_state(st), rs)
+
+
+# Two programs cover the rest: the sum of three losses with aux weights (0.5, 2, 1) on
+# both a stage's own and its received losses; the mean rule at K = 6 with n = 3
+# (3 ≤ n ≤ K - 2: inner stages receive two cotangents and send two).
+MORE = [
+    (K, ilbp.Strategy.nwise(3, "sum", aux_weights=(0.5, 2.0, 1.0)), 2),
+    (6, ilbp.Strategy.nwise(3, "mean"), 1),
+]
+
+
+@pytest.mark.parametrize(
+    "num_stages, strategy, microbatches",
+    MORE,
+    ids=["3wise:sum-aux_weights-K4", "3wise:mean-K6"],
+)
+def test_more_strategies_match_single_program(num_stages, strategy, microbatches):
+    ex, st, rs = run_both(strategy, microbatches, num_stages=num_stages)
     assert_same(ex.to_train_state(st), rs)
 
 
@@ -117,7 +152,7 @@ def test_step_and_steps_continue_each_other(initial):
         st, metrics = ex.step(st, batch)
     assert all(np.ndim(v) == 0 for v in metrics.values())
     st, _ = ex.steps(st, stacked(BATCHES[2:]))
-    reference = run_both("pairwise", 1, initial)[3]
+    reference = run_both("pairwise", 1)[2]
     assert_same(ex.to_train_state(st), reference)
 
 

@@ -3,13 +3,15 @@
 A config file's `get_config(arg)` receives what follows ":" in `--config=FILE.py:ARG`.
 ARG is comma-separated tokens:
 
-  global | local | pairwise | Nwise | nwise=N    the strategy (window n)
+  global | local | pairwise | Nwise | nwise=N    the strategy (window n), optionally
+                                                 with its rule (pairwise:sum)
   k=K                                            number of stages
   combine=last|sum|mean                          the n-wise combine rule
   executor=simulated|mpmd|spmd                   how the stages run
   m=M                                            microbatches per step
 
-e.g. `:pairwise,k=4`, `:nwise=3,k=8,combine=sum`, `:global,executor=mpmd,m=4`.
+e.g. `:pairwise,k=4`, `:nwise=3,k=8,combine=sum` (or `:3wise:sum,k=8`),
+`:global,executor=mpmd,m=4`.
 Everything can also be overridden with `--config.FIELD=VALUE`.
 """
 
@@ -36,7 +38,10 @@ def parse_arg(arg: str | None) -> dict[str, object]:
         if not eq or key in ("nwise", "n"):
             strategy = token if key != "n" else f"nwise={value}"
             Strategy.parse(strategy)  # ValueError with the accepted names
-            out["strategy"] = strategy.lower()
+            strategy, _, rule = strategy.lower().partition(":")  # ":pairwise:sum"
+            out["strategy"] = strategy
+            if rule:
+                _set_combine(out, rule, arg)
         elif key == "k":
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"Config arg {token!r}: k must be an integer ≥ 1.")
@@ -44,7 +49,7 @@ def parse_arg(arg: str | None) -> dict[str, object]:
         elif key == "combine":
             if value not in COMBINE_RULES:
                 raise ValueError(f"Config arg {token!r}: combine must be one of {COMBINE_RULES}.")
-            out["combine"] = value
+            _set_combine(out, value, arg)
         elif key == "executor":
             if value not in EXECUTORS:
                 raise ValueError(f"Config arg {token!r}: executor must be one of {EXECUTORS}.")
@@ -60,6 +65,14 @@ def parse_arg(arg: str | None) -> dict[str, object]:
                 "or ':nwise=3,k=8,combine=sum'."
             )
     return out
+
+
+def _set_combine(out: dict[str, object], rule: str, arg: str | None) -> None:
+    if out.setdefault("combine", rule) != rule:
+        raise ValueError(
+            f"Config arg {arg!r} gives two combine rules, {out['combine']!r} and {rule!r}; "
+            "keep one."
+        )
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
@@ -104,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
             nesterov=False,
             b1=0.9,
             b2=0.999,
-            weight_decay=5e-4,  # on kernels only (ndim > 1)
+            weight_decay=5e-4,  # on kernels and embeddings only
             warmup_steps=0,
             schedule="cosine",  # "cosine" (to 0 after warmup) or "constant"
             grad_clip_norm=0.0,  # per stage; 0 = off

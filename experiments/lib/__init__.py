@@ -1,7 +1,8 @@
 """The trainer behind `experiments.train` and `experiments.compare`.
 
-builders     config -> strategy, optimizer, data, model, executor
+builders     config -> strategy, optimizer, data, model, executor; config checks
 checkpoints  Orbax checkpoints with a compatibility fingerprint; workdir checks
+cli          flag parsing with one-line errors (unknown --config.FIELD, bad config arg)
 metrics      JSONL + TensorBoard writer, evaluation over a split
 trainer      `train_and_evaluate(config, workdir)`: one run, resumable
 report       `compare(config, workdir)`: strategies x seeds -> results.md/.csv/.png

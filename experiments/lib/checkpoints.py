@@ -2,14 +2,16 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the `ilbp.TrainState`
 (gathered: `executor.to_train_state`), `meta` a small JSON: the data iterator's step and
-the run's *fingerprint* (stage count K, architecture, strategy, dataset, optimizer).
-A run resumes from the latest checkpoint in its workdir only if the fingerprints agree;
-otherwise it stops with a message naming what differs, before touching any file.
+the run's *fingerprint* (every config field that changes the training trajectory; see
+`experiments.lib.trainer.fingerprint`). A run resumes from the latest checkpoint in its
+workdir only if the fingerprints agree; otherwise it stops with a message naming each
+differing field with both values, before touching any file.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -28,7 +30,8 @@ class WorkdirError(ExperimentError):
 
 
 class IncompatibleCheckpointError(ExperimentError):
-    """The workdir's checkpoint belongs to a different model, K or strategy."""
+    """The workdir's checkpoint was trained with other settings (model, K, strategy,
+    optimizer, data, ...): resuming it under this config would splice two runs."""
 
 
 class CorruptCheckpointError(ExperimentError):
@@ -49,11 +52,28 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a checkpoint's fingerprint and the config's."""
-    diffs = []
-    for key in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(key), wanted.get(key)
+# Why a field is part of the fingerprint, where that is not obvious.
+_WHY = {
+    "num_train_steps": (
+        " (the cosine schedule decays the learning rate to 0 at num_train_steps, so it "
+        "sets every step's rate; a constant schedule can be extended)"
+    ),
+}
+
+
+def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(each difference between a checkpoint's fingerprint and the config's, naming the
+    field and both values; the fields the checkpoint does not record).
+
+    A checkpoint written before a field was recorded is not refused for it: the field
+    is listed as unchecked instead.
+    """
+    diffs, unrecorded = [], []
+    for key in wanted:
+        if key not in saved:
+            unrecorded.append(key)
+            continue
+        a, b = saved[key], wanted[key]
         if a == b:
             continue
         if key == "num_stages":
@@ -64,8 +84,8 @@ def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]
                     old, new = a.get(sub), b.get(sub)
                     diffs.append(f"{key}.{sub}: checkpoint has {old!r}, config asks for {new!r}")
         else:
-            diffs.append(f"{key}: checkpoint has {a!r}, config asks for {b!r}")
-    return diffs
+            diffs.append(f"{key}: checkpoint has {a!r}, config asks for {b!r}{_WHY.get(key, '')}")
+    return diffs, unrecorded
 
 
 class Checkpoints:
@@ -102,12 +122,20 @@ class Checkpoints:
         """Reads checkpoint `step`'s metadata; raises IncompatibleCheckpointError if it
         belongs to a different run shape. Returns the metadata."""
         meta = self.read_meta(step)
-        diffs = fingerprint_diff(meta["fingerprint"], self.fingerprint)
+        diffs, unrecorded = fingerprint_diff(meta["fingerprint"], self.fingerprint)
         if diffs:
             raise IncompatibleCheckpointError(
-                f"Refusing to resume from {self.directory} (step {step}): "
+                f"Refusing to resume from {self.directory} (step {step}): the config "
+                "changes how this run trains: "
                 + "; ".join(diffs)
-                + ". Use a new --workdir (or the checkpoint's config); nothing was changed."
+                + ". Resume with the checkpoint's values, or use a new --workdir to start "
+                "fresh; nothing was changed."
+            )
+        if unrecorded:
+            print(
+                f"Note: checkpoint {step} in {self.directory} predates these checks and does "
+                f"not record {', '.join(unrecorded)}; resuming without checking them.",
+                file=sys.stderr,
             )
         return meta
 

@@ -22,7 +22,7 @@ import ml_collections
 from experiments.lib import builders, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
 from experiments.lib.metrics import METRICS_FILE, read_metrics
-from ilbp import schedule
+from ilbp import data, schedule
 from ilbp.strategy import Strategy
 
 
@@ -34,42 +34,50 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """One config per (strategy, seed) of `config.compare`; ValueError on bad names."""
-    strategies = [
-        Strategy.parse(s).name for s in parse_list(config.compare.strategies, "strategies")
-    ]
+    """One config per (strategy, seed) of `config.compare`; ValueError on bad names.
+
+    A strategy named with its rule (`pairwise:sum`) runs that rule; one without runs
+    the config's `combine`.
+    """
+    specs = parse_list(config.compare.strategies, "strategies")
     seeds = parse_list(config.compare.seeds, "seeds")
     if not all(s.isdigit() for s in seeds):
         raise ValueError(f"config.compare.seeds must be integers; got {config.compare.seeds!r}.")
     runs = []
-    for name in strategies:
+    for spec in specs:
+        Strategy.parse(spec)  # ValueError naming the accepted names
+        base, _, rule = spec.partition(":")
         for seed in seeds:
             c = ml_collections.ConfigDict(config.to_dict())
-            base, _, combine = name.partition(":")
-            c.strategy, c.combine, c.seed = base, combine or "last", int(seed)
+            c.strategy = Strategy.parse(base).name
+            c.combine, c.seed = rule or config.combine, int(seed)
             builders.validate(c)
             runs.append(c)
     return runs
 
 
 def run_dir(workdir: str, c: ml_collections.ConfigDict) -> str:
+    """WORKDIR/<strategy>[_aux<w>]/seed<i>: the strategy (window, rule, aux-loss weight)
+    and the seed, which a comparison varies, name the directory, so a comparison under
+    another of them never resumes these runs; any other change is refused by the
+    checkpoint fingerprint."""
     name = builders.build_strategy(c).name.replace(":", "_")
+    if float(c.aux_weight) != 1.0:
+        name += f"_aux{float(c.aux_weight):g}"
     return os.path.join(workdir, name, f"seed{c.seed}")
 
 
-def preflight(runs: list[ml_collections.ConfigDict], workdir: str) -> None:
+def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.DatasetInfo) -> None:
     """Refuses (before any training) if some run's existing checkpoint is incompatible."""
-    info = None
     for c in runs:
         directory = run_dir(workdir, c)
         if not os.path.isdir(os.path.join(directory, "checkpoints")):
             continue
-        info = info or builders.build_data(c, "train").info
         ckpts = Checkpoints(directory, trainer.fingerprint(c, info))
-        latest = ckpts.latest_step()
-        if latest is not None:
-            ckpts.check_compatible(latest)
-        ckpts.close()
+        try:
+            trainer.resumable_step(ckpts, int(c.num_train_steps))
+        finally:
+            ckpts.close()
 
 
 def predicted_speedups(strategies: list[str], num_stages: int, microbatches: int) -> dict:
@@ -211,8 +219,10 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[
     Returns (the per-strategy markdown table, the per-strategy rows).
     """
     runs = run_configs(config)
+    train = builders.build_data(runs[0], "train")
+    builders.check_data(runs[0], train)
     workdir = prepare_workdir(workdir)
-    preflight(runs, workdir)
+    preflight(runs, workdir, train.info)
     summaries = []
     for c in runs:
         summary = trainer.train_and_evaluate(c, run_dir(workdir, c))

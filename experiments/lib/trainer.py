@@ -1,9 +1,10 @@
 """One training run: `train_and_evaluate(config, workdir)`, resumable from its workdir.
 
 Order of work, so that bad input fails before anything expensive or destructive:
-config checks -> workdir writable -> data present -> checkpoint compatible -> compile
-and train. A workdir with checkpoints resumes from the latest (a fresh start never
-overwrites them); one whose checkpoints belong to another model is refused.
+config checks -> data present and usable -> workdir writable -> checkpoint compatible
+-> compile and train. A workdir with checkpoints resumes from the latest (a fresh start
+never overwrites them); one whose checkpoints were trained differently (`fingerprint`)
+is refused, naming each differing field.
 
 Step s means "after s updates". Checkpoints hold the gathered TrainState and the data
 iterator's step, so a resumed run sees the same batches and reproduces the
@@ -27,7 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.lib import builders
-from experiments.lib.checkpoints import Checkpoints, ExperimentError, prepare_workdir
+from experiments.lib.checkpoints import (
+    Checkpoints,
+    ExperimentError,
+    IncompatibleCheckpointError,
+    prepare_workdir,
+)
 from experiments.lib.metrics import MetricWriter, Prefix, evaluate
 from ilbp import data
 
@@ -39,14 +45,58 @@ class NonFiniteLossError(ExperimentError, FloatingPointError):
 
 
 def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed by `config`."""
-    return {
+    """What a checkpoint must agree on to be resumed by `config`: every field that changes
+    the training trajectory, as plain JSON keyed by the config field's name.
+
+    In: the model and K; the strategy (window and combine rule, in its name) and
+    aux_weight; the dataset, its seq_len (text) or image_size (images) and the resolved
+    augmentation; the optimizer and every field of config.optimizer it reads; batch_size,
+    microbatches (BatchNorm statistics and the loss are per microbatch) and seed (data
+    order, augmentation); num_train_steps under the cosine schedule, which decays the
+    learning rate to 0 there and so sets every step's rate.
+    Out, so changeable on resume: num_train_steps under a constant schedule; executor,
+    data_parallel, max_in_flight and steps_per_call (the same math, placed differently);
+    evaluation, logging and checkpoint cadence and sizes; max_to_keep, progress_bar,
+    data_dir and name.
+    """
+    opt = config.optimizer
+    size = (
+        {"seq_len": int(config.seq_len)}
+        if info.kind == "text"
+        else {"image_size": config.image_size}
+    )
+    fields = {
         "num_stages": int(config.num_stages),
         "model": builders.model_fields(config, info),
         "strategy": builders.build_strategy(config).name,
+        "aux_weight": float(config.aux_weight),
         "dataset": config.dataset,
-        "optimizer": config.optimizer.name,
+        **size,
+        "augment": builders.train_augment(config, info),
+        "optimizer": opt.name,
+        **{f"optimizer.{name}": opt[name] for name in builders.OPTIMIZER_FIELDS[opt.name]},
+        "batch_size": int(config.batch_size),
+        "microbatches": int(config.microbatches),
+        "seed": int(config.seed),
+        "num_train_steps": builders.schedule_steps(config),
     }
+    return json.loads(json.dumps(fields))  # as a checkpoint's metadata reads back
+
+
+def resumable_step(ckpts: Checkpoints, num_train_steps: int) -> int | None:
+    """The step of the latest checkpoint if the config may resume from it (None: start
+    fresh). IncompatibleCheckpointError, before any file is changed, if not."""
+    latest = ckpts.latest_step()
+    if latest is None:
+        return None
+    ckpts.check_compatible(latest)
+    if latest > num_train_steps:
+        raise IncompatibleCheckpointError(
+            f"Refusing to resume from {ckpts.directory}: its latest checkpoint is at step "
+            f"{latest}, past config.num_train_steps={num_train_steps}. Set num_train_steps "
+            f"≥ {latest}, or use a new --workdir to start fresh; nothing was changed."
+        )
+    return latest
 
 
 def first_nonfinite(metrics: dict[str, Any], num_stages: int) -> tuple[int, str, float] | None:
@@ -111,16 +161,8 @@ def train_and_evaluate(
       ValueError (bad config), ilbp.data.DataMissingError, ExperimentError subclasses
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
-    builders.validate(config)
-    workdir = prepare_workdir(workdir)
-    train_src = builders.build_data(config, "train")
-    test_src = builders.build_data(config, "test")
+    workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
     info = train_src.info
-    ckpts = Checkpoints(workdir, fingerprint(config, info), int(config.max_to_keep))
-    latest = ckpts.latest_step()
-    if latest is not None:
-        ckpts.check_compatible(latest)
-
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
     it = data.batches(
@@ -156,14 +198,7 @@ def train_and_evaluate(
             # intervals are multiples of it, so only a stop_after cut is shorter.
             n = min(per_call, end - step)
             t0 = time.perf_counter()
-            if per_call == 1:
-                state, metrics = ex.step(state, next(it))
-                per_step = [jax.device_get(metrics)]
-            else:
-                batches = [next(it) for _ in range(n)]
-                state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
-                metrics = jax.device_get(metrics)
-                per_step = [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+            state, per_step = _call(ex, state, it, n, per_call)
             step_time = (time.perf_counter() - t0) / n
             if step > start:  # this process's first call includes compilation
                 step_times.append(step_time)
@@ -199,11 +234,6 @@ def train_and_evaluate(
         bar.close()
         ckpts.close()
         writer.close()
-    # A run resumed at its end keeps the step time and wall time it measured.
-    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
-    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-            previous.update({k: v for k, v in json.load(f).items() if k in previous})
     summary = {
         "name": config.name,
         "strategy": built.strategy.name,
@@ -214,8 +244,58 @@ def train_and_evaluate(
         "test_examples": len(test_src),
         "metric": "perplexity" if text else "accuracy",
         "test": final,
+    }
+    return _write_summary(workdir, summary, step_times, time.perf_counter() - wall)
+
+
+def _call(ex: Any, state: Any, it: data.BatchIterator, n: int, per_call: int) -> tuple:
+    """`n` steps in one executor call (overlapped by spmd's `steps` if per_call > 1):
+    (the new state, a host dict of metrics per step)."""
+    if per_call == 1:
+        state, metrics = ex.step(state, next(it))
+        return state, [jax.device_get(metrics)]
+    batches = [next(it) for _ in range(n)]
+    state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
+    metrics = jax.device_get(metrics)
+    return state, [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+
+
+def open_run(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[str, Any, Any, Checkpoints, int | None]:
+    """Checks `config`, reads its data, then opens `workdir` and its checkpoints, in
+    that order, so that bad input fails before any file is written.
+
+    Returns (workdir's absolute path, train source, test source, its Checkpoints, the
+    step to resume from or None).
+    """
+    builders.validate(config)
+    train_src = builders.build_data(config, "train")
+    test_src = builders.build_data(config, "test")
+    builders.check_data(config, train_src)
+    workdir = prepare_workdir(workdir)
+    ckpts = Checkpoints(workdir, fingerprint(config, train_src.info), int(config.max_to_keep))
+    try:
+        latest = resumable_step(ckpts, int(config.num_train_steps))
+    except ExperimentError:
+        ckpts.close()
+        raise
+    return workdir, train_src, test_src, ckpts, latest
+
+
+def _write_summary(
+    workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
+) -> dict[str, Any]:
+    """Adds timing and the workdir to `summary` and writes WORKDIR/summary.json."""
+    # A run resumed at its end keeps the step time and wall time it measured.
+    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
+    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            previous.update({k: v for k, v in json.load(f).items() if k in previous})
+    summary = {
+        **summary,
         "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
-        "wall_time_s": time.perf_counter() - wall + previous["wall_time_s"],
+        "wall_time_s": wall_time + previous["wall_time_s"],
         "workdir": workdir,
     }
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:

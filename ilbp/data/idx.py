@@ -37,9 +37,13 @@ def parse_idx(raw: bytes) -> np.ndarray:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Reads one IDX file (gzip or raw)."""
+    """Reads one IDX file (gzip or raw); ValueError naming `path` if it is not one."""
     with open(path, "rb") as f:
-        return parse_idx(f.read())
+        raw = f.read()
+    try:
+        return parse_idx(raw)
+    except (ValueError, OSError, EOFError) as e:  # gzip raises OSError/EOFError
+        raise ValueError(f"{path}: {e}") from e
 
 
 def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> None:
@@ -135,7 +139,10 @@ def idx_images(directory: str, split: str = "train") -> ArraySource:
     images = read_idx(paths[0])
     labels = read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"IDX shapes {images.shape} / {labels.shape} are not NxHxW / N")
+        raise ValueError(
+            f"IDX shapes {images.shape} / {labels.shape} of {paths[0]} / {paths[1]} are "
+            "not NxHxW / N"
+        )
     train_images = images if split == "train" else read_idx(train_paths[0])
     train_labels = labels if split == "train" else read_idx(train_paths[1])
     mean, std = _pixel_stats(train_images)
