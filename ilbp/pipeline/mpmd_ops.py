@@ -82,7 +82,7 @@ def head_op(head: Stage, loss_fn: LossFn, weight: float, k: int, num_stages: int
     """A: aux head forward + backward, accumulating ∂φ_k: (params, state, h, batch, rng,
     step, m, acc, count) -> (acc + count·∂φ, new_state, dh, metrics)."""
 
-    def aux(params, state, h, batch, rng, step, m, acc, count):
+    def aux(params, state, h, batch, rng, step, m, acc, count=None):
         _, rng_head = microbatch_rngs(rng, step, m, k)
         loss, metrics, dphi, dh, new_state = head_forward_backward(
             head, loss_fn, weight, params, state, h, batch, rng_head
@@ -102,7 +102,7 @@ def backward_op(stage_plan: StagePlan) -> Callable:
     plan's combined cotangent, accumulated;
     (vjp_fn, cotangents, acc, count) -> (acc + count·∂θ, sent)."""
 
-    def backward(vjp_fn, cotangents, acc, count):
+    def backward(vjp_fn, cotangents, acc, count=None):
         dtheta, sent = stage_backward(stage_plan, vjp_fn, cotangents)
         return _add(acc, dtheta, count), sent
 
@@ -116,7 +116,7 @@ def update_op(tx: optax.GradientTransformation, k: int, microbatches: int) -> Ca
     step + 1, metrics), metrics the microbatches' mean (weighted by `counts` unless None)
     plus grad/param norms. grad_sum without "head" (e2e) leaves the head as it is."""
 
-    def update(params, opt_state, grad_sum, step, metrics_list, counts):
+    def update(params, opt_state, grad_sum, step, metrics_list, counts=None):
         if counts is None:
             divide = lambda g: g / microbatches
             mean = lambda values: jnp.mean(jnp.stack(values), 0)
