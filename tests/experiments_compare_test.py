@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 
+import ml_collections
 import pytest
 
 from experiments.lib import builders, checkpoints, report
@@ -50,6 +52,32 @@ def test_compare_writes_results(idx_dir, tmp_path):
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match="learning_rate: checkpo"):
         report.compare(c, str(tmp_path))
     assert fx.tree_digest(str(tmp_path)) == before
+
+
+def test_e2e_rows_show_no_aux_accuracy():
+    """e2e's heads are never trained, so its aux columns are empty, not their init's."""
+    summaries = [
+        dict(
+            strategy=name,
+            seed=0,
+            metric="accuracy",
+            num_stages=3,
+            step_time_s=0.1,
+            wall_time_s=1.0,
+            steps=2,
+            test_examples=8,
+            test={"accuracy": 0.5, "aux/0/accuracy": 0.2, "aux/1/accuracy": 0.3},
+        )
+        for name in ("e2e", "pairwise")
+    ]
+    config = ml_collections.ConfigDict(
+        dict(name="x", batch_size=8, microbatches=1, eval_examples=0, eval_every_steps=1)
+    )
+    rows = report.aggregate(summaries, {"e2e": 1.0, "pairwise": 1.5})
+    assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
+    assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
+    table, _ = report.render_markdown(rows, summaries, config)
+    assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):

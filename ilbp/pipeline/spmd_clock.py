@@ -9,7 +9,8 @@ n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage 
 
   1. forwards microbatch q of step s if q < M (input: the embedding on stage 0, else the
      activation received from stage k - 1) and stores the VJP residuals in slot u mod S;
-  2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list;
+  2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list (without aux heads,
+     e2e, only the last stage has a head; lane 0 of the others is empty);
   3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
      k + 1) belongs to microbatch q - 2i of step s; lanes are buffered per microbatch;
   4. takes the input VJPs of the lanes i whose loss k + i it must send back
@@ -18,7 +19,8 @@ n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage 
   5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)
      (its last lane arrives this tick), and accumulates the gradient;
   6. at q = M - 1 + 2 i*(k), after its last parameter VJP of step s, updates its own
-     slot (gradient mean over M microbatches, one update per step), so that its
+     slot (gradient mean over M microbatches, each counted by its tokens on padded
+     batches as in `ilbp.train.accumulate_grads`; one update per step), so that its
      forwards of step s + 1, from q = 0 of the next period, use θ_k after step s;
   7. sends h_k right (`ppermute`).
 
@@ -44,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ilbp.losses import loss_count
 from ilbp.mesh import STAGE_AXIS
 from ilbp.pipeline.homogeneous import BODY, HEAD, PROLOGUE, HomogeneousStages
 from ilbp.stage import Batch, Params
@@ -59,6 +62,8 @@ class Clock:
       reach: i*(k) per stage, the farthest loss it trains on (relative to k).
       coef: K × n_ coefficients c_{k,i} of ∂L_{k+i}/∂h_k in stage k's parameter VJP.
       weights: per stage, the weight of its head's loss (1 for the final loss).
+      heads: per stage, whether its head runs: every stage's, or without aux heads (e2e)
+        only the last stage's (its output layer).
       send_lanes: K × width lanes each stage sends back, padded with the unused lane n_-1.
       slots: S, residual buffer slots per stage (a microbatch's residuals live 2 i* ticks).
       period: P = M + 2 max_k i*(k), ticks per step per stage.
@@ -71,6 +76,7 @@ class Clock:
     reach: tuple[int, ...]
     coef: np.ndarray
     weights: np.ndarray
+    heads: np.ndarray
     send_lanes: np.ndarray
     slots: int
     period: int
@@ -98,6 +104,7 @@ class Clock:
             reach=reach,
             coef=coef,
             weights=weights,
+            heads=np.array([plan.aux_heads or k == K - 1 for k in range(K)]),
             send_lanes=send_lanes,
             slots=2 * max(reach) + 1,
             period=M + 2 * max(reach),
@@ -171,7 +178,9 @@ class Carry:
 class _Stage:
     """Stage k's constants inside the program (built by `of`, inside `jax.shard_map`).
 
-    split: T × M × b × ... microbatches; reach, coef, weight: stage k's row of the clock's;
+    split: T × M × b × ... microbatches; reach, coef, weight, has_head: stage k's row of
+    the clock's; counts: T × M `loss_count`s of the microbatches when they are
+    token-weighted (M > 1 and the batch has weights), else None (`ilbp.train`'s rule);
     h: one activation's shape; res_protos/res_treedef: its forward VJP's residuals.
     """
 
@@ -183,6 +192,8 @@ class _Stage:
     reach: jax.Array
     coef: jax.Array
     weight: jax.Array
+    has_head: jax.Array
+    counts: jax.Array | None
     h: jax.ShapeDtypeStruct
     res_protos: list[jax.ShapeDtypeStruct]
     res_treedef: Any
@@ -197,6 +208,9 @@ class _Stage:
             lambda: _forward_vjp(hom, k, _trunk(params0), zeros_h, tokens0)
         )
         res_protos, res_treedef = jax.tree.flatten(vjp_proto)
+        counts = None
+        if clock.microbatches > 1 and loss_count(split) is not None:
+            counts = jax.vmap(jax.vmap(loss_count))(split)  # over every data shard
         return cls(
             clock=clock,
             hom=hom,
@@ -206,6 +220,8 @@ class _Stage:
             reach=jnp.asarray(clock.reach)[k],
             coef=jnp.asarray(clock.coef)[k],
             weight=jnp.asarray(clock.weights)[k],
+            has_head=jnp.asarray(clock.heads)[k],
+            counts=counts,
             h=h,
             res_protos=res_protos,
             res_treedef=res_treedef,
@@ -219,6 +235,21 @@ class _Stage:
         """Microbatch m of step s (indices clipped into range: bubbles read a real one)."""
         T, M = self.num_steps, self.clock.microbatches
         return jax.tree.map(lambda x: x[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)], self.split)
+
+    def weighted(self, s: jax.Array, m: jax.Array, tree: Any) -> Any:
+        """Microbatch m of step s's contribution to a sum: its count × tree if token-
+        weighted, else tree (then sums are divided by M)."""
+        if self.counts is None:
+            return tree
+        T, M = self.num_steps, self.clock.microbatches
+        count = self.counts[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)]
+        return jax.tree.map(lambda x: count.astype(x.dtype) * x, tree)
+
+    def step_divisor(self, s: jax.Array) -> jax.Array | int:
+        """What step s's sums are divided by to be the full batch's means."""
+        if self.counts is None:
+            return self.clock.microbatches
+        return jnp.maximum(jnp.sum(self.counts[s], -1), 1.0)
 
     def forward_vjp(self, trunk: Params, x_in: jax.Array, s: jax.Array, m: jax.Array):
         tokens = self.microbatch(s, m)[self.hom.model.input_key]
@@ -253,17 +284,22 @@ class _Stage:
         total = sq(tree[BODY]) + jnp.where(k == 0, sq(_where(k == 0, tree[PROLOGUE], 0)), 0)
         return jnp.sqrt(total + jnp.where(k == K - 1, sq(tree[HEAD]), 0))
 
-    def update(self, params, opt_state, grads, hgrads):
-        """Mean gradient; padding slots get zero gradient and stay NaN."""
+    def update(self, params, opt_state, grads, hgrads, s):
+        """Step s's mean gradient; padding slots get zero gradient and stay NaN. A head
+        that does not run (e2e) gets zero gradient and keeps its parameters, as
+        `ilbp.train.apply_gradients` does."""
         k, M = self.k, self.clock.microbatches
         grads = {PROLOGUE: grads[PROLOGUE], BODY: grads[BODY], HEAD: hgrads}
         if M > 1:
-            grads = jax.tree.map(lambda g: g / M, grads)
+            divisor = self.step_divisor(s)
+            grads = jax.tree.map(lambda g: g / jnp.asarray(divisor, g.dtype), grads)
         grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        params[PROLOGUE] = _where(k == 0, params[PROLOGUE], jnp.nan)
-        return params, opt_state, self.norm(grads), self.norm(params)
+        new = optax.apply_updates(params, updates)
+        new[PROLOGUE] = _where(k == 0, new[PROLOGUE], jnp.nan)
+        keep = lambda a, b: jnp.where(self.has_head, a, b)
+        new[HEAD] = jax.tree.map(keep, new[HEAD], params[HEAD])
+        return new, opt_state, self.norm(grads), self.norm(new)
 
 
 class _Tick(NamedTuple):
@@ -314,19 +350,22 @@ def _forward_step(st: _Stage, c: Carry, t: _Tick) -> tuple[Carry, jax.Array]:
 
 
 def _head_step(st: _Stage, c: Carry, t: _Tick, h: jax.Array) -> tuple[Carry, jax.Array]:
-    """2. The head on h: loss and metrics into the step's sums, ∂φ_k into hgrads.
-    Returns ∂(w_k L_k)/∂h_k, lane 0 of the cotangent list."""
+    """2. The head on h (if stage k has one: not the aux heads of e2e): loss and metrics
+    into the step's sums, ∂φ_k into hgrads. Returns ∂(w_k L_k)/∂h_k, lane 0 of the
+    cotangent list (NaN without a head)."""
 
     def head(h):
         grad_fn = jax.value_and_grad(st.head_loss, argnums=(0, 1), has_aux=True)
         return grad_fn(c.params[HEAD], h, st.microbatch(t.s, t.q))
 
+    runs = t.forwards & st.has_head
     shapes = jax.eval_shape(head, h)
     bubble = lambda _: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), shapes)
-    (_, (loss, mets)), (dphi, dh) = jax.lax.cond(t.forwards, head, bubble, h)
-    hgrads = jax.tree.map(lambda a, g: a + jnp.where(t.forwards, g, 0), c.hgrads, dphi)
+    (_, (loss, mets)), (dphi, dh) = jax.lax.cond(runs, head, bubble, h)
+    dphi, loss, mets = st.weighted(t.s, t.q, (dphi, loss, mets))
+    hgrads = jax.tree.map(lambda a, g: a + jnp.where(runs, g, 0), c.hgrads, dphi)
     step = jnp.clip(t.s, 0, st.num_steps - 1)
-    add_at = lambda a, v: a.at[step].add(jnp.where(t.forwards, v, 0))
+    add_at = lambda a, v: a.at[step].add(jnp.where(runs, v, 0))
     sums = {
         **c.sums,
         "loss": add_at(c.sums["loss"], loss),
@@ -342,6 +381,7 @@ def _cotangent_list(st: _Stage, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carr
     q_N = t.q - 2 * lane
     slot_N = (t.u - 2 * lane) % S
     valid_N = t.live & (st.k + lane <= K - 1) & (q_N >= 0) & (q_N < M)
+    valid_N = valid_N & ((lane > 0) | st.has_head)  # lane 0 is the head's
     list_N = jnp.concatenate([dh[None], c.cot_in], 0) if n_ > 1 else dh[None]
     list_N = jnp.where(valid_N.reshape(-1, *[1] * dh.ndim), list_N, jnp.nan)
     cots = c.cots.at[slot_N, lane].set(list_N)
@@ -387,6 +427,7 @@ def _parameter_vjp(st: _Stage, c: Carry, t: _Tick) -> Carry:
         lambda: st.vjp(c.res, slot_w, total)[0],
         lambda: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), c.grads),
     )
+    dtheta = st.weighted(t.s, q_w, dtheta)
     grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), c.grads, dtheta)
     return c.replace(grads=grads)
 
@@ -397,7 +438,7 @@ def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
 
     def update(args):
         params, opt_state, grads, hgrads, sums = args
-        params, opt_state, g_norm, p_norm = st.update(params, opt_state, grads, hgrads)
+        params, opt_state, g_norm, p_norm = st.update(params, opt_state, grads, hgrads, t.s)
         sums = {
             **sums,
             "grad_norm": sums["grad_norm"].at[t.s].set(g_norm),
@@ -470,10 +511,10 @@ def stage_program(
     carry = _initial_carry(st, params, opt_state)
     tick = lambda tau, c: _tick(st, tau, c)
     carry = jax.lax.fori_loop(0, clock.ticks(st.num_steps), tick, carry)
-    M, sums = clock.microbatches, carry.sums
+    sums, divisor = carry.sums, st.step_divisor(jnp.arange(st.num_steps))
     metrics = {
-        "loss": sums["loss"] / M,
-        "loss_fn": jax.tree.map(lambda v: v / M, sums["loss_fn"]),
+        "loss": sums["loss"] / divisor,
+        "loss_fn": jax.tree.map(lambda v: v / divisor, sums["loss_fn"]),
         "grad_norm": sums["grad_norm"],
         "param_norm": sums["param_norm"],
     }
