@@ -38,7 +38,17 @@ import jax.numpy as jnp
 
 from ilbp.losses import next_token_loss
 from ilbp.models.splitting import check_num_stages
-from ilbp.stage import LossFn, StagedModel, from_linen
+from ilbp.stage import (
+    BODY,
+    HEAD,
+    PROLOGUE,
+    HomogeneousStages,
+    LossFn,
+    Params,
+    Stage,
+    StagedModel,
+    from_linen,
+)
 
 _INIT_STD = 0.02
 
@@ -271,7 +281,8 @@ def transformer_lm(
 
     Input: batch[input_key] tokens_BxT int32; output logits_BxTxV; aux head k (LayerNorm
     + unembedding) gives logits_BxTxV from stage k's output. Loss defaults to
-    `next_token_loss()` on batch["targets"].
+    `next_token_loss()` on batch["targets"]. The model carries its description as one
+    program per stage (`StagedModel.homogeneous`, `transformer_homogeneous`).
     """
     L = config.num_layers
     check_num_stages(num_stages, L, "Transformer blocks")
@@ -293,10 +304,59 @@ def transformer_lm(
         stages.append(from_linen(module, f"blocks {k * n}..{(k + 1) * n - 1}"))
         if not last:
             heads.append(from_linen(LMHead(config), f"lm head after block {(k + 1) * n - 1}"))
+    stages, heads = tuple(stages), tuple(heads)
     return StagedModel(
-        tuple(stages),
-        tuple(heads),
+        stages,
+        heads,
         loss or next_token_loss(),
         aux_loss=aux_loss,
         input_key=input_key,
+        homogeneous=transformer_homogeneous(config, stages, heads) if num_stages > 1 else None,
+    )
+
+
+def transformer_homogeneous(
+    config: TransformerConfig, stages: tuple[Stage, ...], heads: tuple[Stage, ...]
+) -> HomogeneousStages:
+    """`transformer_lm`'s K stages and heads as one program (`ilbp.HomogeneousStages`):
+    prologue the embedding, body num_layers / K blocks, head LayerNorm + unembedding,
+    which is both an `LMHead` and the last stage's final norm + unembedding."""
+    K = len(stages)
+    prologue_m = TransformerStage(config, 0, embed=True, unembed=False)
+    body_m = TransformerStage(config, config.num_layers // K, embed=False, unembed=False)
+    head_m = LMHead(config)
+
+    def to_uniform(p: Params, k: int) -> Params:
+        stage = p["stage"]
+        if k == K - 1:
+            head = {"norm": stage["final_norm"], "unembed": stage["unembed"]}
+        else:
+            head = p["head"]
+        if k == 0:
+            prologue = stage["embed"]
+        else:  # padding with the embedding's shapes
+            shapes = jax.eval_shape(
+                lambda: prologue_m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+            )["params"]["embed"]
+            prologue = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+        return {PROLOGUE: prologue, BODY: stage["blocks"], HEAD: head}
+
+    def from_uniform(u: Params, k: int) -> Params:
+        stage: dict[str, Any] = {"blocks": u[BODY]}
+        if k == 0:
+            stage = {"embed": u[PROLOGUE], **stage}
+        if k == K - 1:
+            stage.update(final_norm=u[HEAD]["norm"], unembed=u[HEAD]["unembed"])
+            return {"stage": stage}
+        return {"stage": stage, "head": u[HEAD]}
+
+    return HomogeneousStages(
+        stages=stages,
+        heads=heads,
+        example=jax.ShapeDtypeStruct((1, config.max_len), jnp.int32),
+        prologue=lambda p, tokens: prologue_m.apply({"params": {"embed": p}}, tokens),
+        body=lambda p, h: body_m.apply({"params": {"blocks": p}}, h),
+        head=lambda p, h: head_m.apply({"params": p}, h),
+        to_uniform=to_uniform,
+        from_uniform=from_uniform,
     )

@@ -45,8 +45,7 @@ import numpy as np
 import optax
 
 from ilbp.mesh import STAGE_AXIS
-from ilbp.pipeline.homogeneous import BODY, HEAD, PROLOGUE, HomogeneousStages
-from ilbp.stage import Batch, Params
+from ilbp.stage import BODY, HEAD, PROLOGUE, Batch, HomogeneousStages, Params, StagedModel
 from ilbp.strategy import Strategy
 
 
@@ -176,6 +175,7 @@ class _Stage:
     """
 
     clock: Clock
+    model: StagedModel
     hom: HomogeneousStages
     tx: optax.GradientTransformation
     split: Batch
@@ -188,9 +188,10 @@ class _Stage:
     res_treedef: Any
 
     @classmethod
-    def of(cls, clock, hom, tx, params0: Params, split: Batch) -> _Stage:
+    def of(cls, clock, model, tx, params0: Params, split: Batch) -> _Stage:
         k = jax.lax.axis_index(STAGE_AXIS)
-        tokens0 = split[hom.model.input_key][0, 0]
+        hom = model.homogeneous
+        tokens0 = split[model.input_key][0, 0]
         h = jax.eval_shape(lambda: _forward(hom, k, _trunk(params0), jnp.zeros(()), tokens0))
         zeros_h = jnp.zeros(h.shape, h.dtype)
         _, vjp_proto = jax.eval_shape(
@@ -199,6 +200,7 @@ class _Stage:
         res_protos, res_treedef = jax.tree.flatten(vjp_proto)
         return cls(
             clock=clock,
+            model=model,
             hom=hom,
             tx=tx,
             split=split,
@@ -221,7 +223,7 @@ class _Stage:
         return jax.tree.map(lambda x: x[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)], self.split)
 
     def forward_vjp(self, trunk: Params, x_in: jax.Array, s: jax.Array, m: jax.Array):
-        tokens = self.microbatch(s, m)[self.hom.model.input_key]
+        tokens = self.microbatch(s, m)[self.model.input_key]
         return _forward_vjp(self.hom, self.k, trunk, x_in, tokens)
 
     def vjp(self, res: list[jax.Array], slot: jax.Array, cotangent: jax.Array):
@@ -230,15 +232,16 @@ class _Stage:
 
     def head_loss(self, p_head: Params, h: jax.Array, batch: Batch):
         """(w_k L_k, (L_k, loss_fn metrics)): the aux loss on k < K - 1, the model's on K - 1."""
-        hom, K = self.hom, self.clock.num_stages
-        logits = hom.head(p_head, h)
-        if hom.aux_loss is hom.loss:
-            loss, m = hom.loss(logits, batch)
+        model, K = self.model, self.clock.num_stages
+        logits = self.hom.head(p_head, h)
+        aux_loss = model.head_loss(0)  # the aux heads' loss
+        if aux_loss is model.loss:
+            loss, m = model.loss(logits, batch)
         else:
             loss, m = jax.lax.cond(
                 self.k == K - 1,
-                lambda: hom.loss(logits, batch),
-                lambda: hom.aux_loss(logits, batch),
+                lambda: model.loss(logits, batch),
+                lambda: aux_loss(logits, batch),
             )
         return self.weight * loss, (loss, m)
 
@@ -452,21 +455,22 @@ def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
 
 def stage_program(
     clock: Clock,
-    hom: HomogeneousStages,
+    model: StagedModel,
     tx: optax.GradientTransformation,
     params_1: Any,
     opt_1: Any,
     split: Batch,
     rng: jax.Array,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Stage k's T steps, run inside `jax.shard_map` manual over `stage` (module docstring).
+    """Stage k's T steps, run inside `jax.shard_map` manual over `stage` (module docstring),
+    through `model.homogeneous` (checked by `ilbp.pipeline.homogeneous.check_homogeneous`).
 
     params_1/opt_1: its 1 × ... slices of the stacked parameters and optimizer state;
     split: T × M × b × ... microbatches. Returns its new slices and its metrics (1 × T).
     """
     params = jax.tree.map(lambda x: x[0], params_1)
     opt_state = jax.tree.map(lambda x: x[0], opt_1)
-    st = _Stage.of(clock, hom, tx, params, split)
+    st = _Stage.of(clock, model, tx, params, split)
     carry = _initial_carry(st, params, opt_state)
     tick = lambda tau, c: _tick(st, tau, c)
     carry = jax.lax.fori_loop(0, clock.ticks(st.num_steps), tick, carry)
