@@ -8,7 +8,7 @@ An executor runs training steps of one (model, strategy, optimizer) on some devi
     ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval)
     state = ex.from_train_state(ts)      # and back
 
-Kinds (DESIGN.md §3):
+Kinds (docs/design.md §3):
   "simulated": every stage in one `jax.jit` (`ilbp.make_train_step`), data parallel over
                the mesh axis `data`; its state is the TrainState itself.
   "mpmd":      stage k's state and ops on device (group) k, jitted per stage and issued
