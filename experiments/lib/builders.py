@@ -22,10 +22,9 @@ import ilbp
 from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
 from ilbp.models.resnet_stages import BALANCES
-from ilbp.pipeline import make_executor
+from ilbp.pipeline import EXECUTORS, make_executor
 from ilbp.stage import StagedModel
 
-EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
 MODEL_KINDS: tuple[str, ...] = ("resnet", "transformer")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 

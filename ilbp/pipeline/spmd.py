@@ -23,9 +23,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from ilbp.checks import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.engine import Metrics, loss_metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh
-from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.pipeline.homogeneous import check_homogeneous
 from ilbp.pipeline.spmd_clock import Clock, stage_program
 from ilbp.stage import Batch, StagedModel
