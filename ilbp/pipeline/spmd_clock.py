@@ -140,8 +140,8 @@ def _forward_vjp(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, toke
 
 @flax.struct.dataclass
 class Carry:
-    """What stage k carries from one clock tick to the next (h: b × T × D, one microbatch's
-    activation; S slots, n_ lanes as in `Clock`).
+    """What stage k carries from one clock tick to the next (h: the shape of one
+    microbatch's activation h_k; S slots, n_ lanes as in `Clock`).
 
     Attributes:
       params, opt_state: θ_k in the uniform layout, and its optimizer state.
