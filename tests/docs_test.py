@@ -1,5 +1,6 @@
-"""The design document: every "docs/design.md §n" citation in the repository names a section
-that exists, and nothing cites a design file outside the repository."""
+"""The documents: every "docs/design.md §n" citation in the repository names a section that
+exists, nothing cites a design file outside the repository, and the README's layout
+section names the library's modules."""
 
 from __future__ import annotations
 
@@ -58,3 +59,20 @@ def test_no_design_file_outside_the_repository_is_cited():
     # The design notes the project started from are not in the repository.
     stale = [str(p.relative_to(ROOT)) for p in files() if STALE in text_of(p)]
     assert not stale, f"cite docs/design.md instead of {STALE} in {stale}"
+
+
+def test_readme_layout_names_every_library_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+\.py)`", layout))
+    modules = {
+        p.name
+        for folder in ("ilbp", "ilbp/models", "ilbp/pipeline")
+        for p in (ROOT / folder).glob("*.py")
+        if p.name != "__init__.py"
+    }
+    assert modules <= named, f"the README's layout does not name {sorted(modules - named)}"
+    existing = {p.name for p in ROOT.rglob("*.py")}
+    assert named <= existing, f"the README's layout names missing {sorted(named - existing)}"
+    for folder in re.findall(r"^- `(\w+)/`", layout, re.MULTILINE):
+        assert (ROOT / folder).is_dir(), folder
