@@ -96,7 +96,8 @@ def make_executor(
     """An executor of `kind` ("simulated", "mpmd" or "spmd"); see the module docstring.
 
     Args:
-      model: the staged model (for "spmd", one whose stages stack: `HomogeneousStages`).
+      model: the staged model (for "spmd", one that carries a `HomogeneousStages`, as
+        `transformer_lm`'s do; `ilbp.pipeline.check_homogeneous` says what it refuses).
       strategy: a Strategy or a name `Strategy.parse` accepts.
       optimizer: one optax transformation for every stage, or one per stage.
       microbatches: M ≥ 1: a step accumulates M microbatches' gradients, updates once.
