@@ -19,8 +19,8 @@ Prints:
      and dependencies, not the costs), and per device the traced busy fraction beside
      that model's; each device's peak memory: state + compiled temporaries + the
      residuals of the microbatches the schedule says it holds in flight;
-  3. the model's predicted throughput relative to global for K = 4, 8, 16, 32 (DESIGN.md
-     units, cheap aux heads), and the checks pairwise ≥ 0.9 (2K+1)/5 × split global at
+  3. the model's predicted throughput relative to global for K = 4, 8, 16, 32 (docs/design.md
+     §2.2 units, cheap aux heads), and the checks pairwise ≥ 0.9 (2K+1)/5 × split global at
      M = 1 and pairwise busy ≥ 0.85 at M = 4;
   4. the throughput-versus-memory frontier for K ∈ {4, 8, 16, 32}, M ∈ {1, ..., 16},
      with where a microbatched global overtakes interlocking.
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> None:
 
 def predictions() -> None:
     print(
-        "## 3. Predicted throughput vs split-backward global (DESIGN units, free aux "
+        "## 3. Predicted throughput vs split-backward global (docs/design.md §2.2 units, free aux "
         "heads and transfers)\n"
     )
     rows = throughput_table(("global", "local", "pairwise", "3wise"), (4, 8, 16, 32), (1, 4))

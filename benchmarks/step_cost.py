@@ -6,7 +6,7 @@ For a 4-stage CNN and a 4-stage Transformer it prints, relative to global backpr
 the same run: median step time, XLA's compiled FLOPs and temp memory of local, pairwise,
 3-wise and `sum`-pairwise (routed engine), and the routed engine relative to the spec
 engine. It also predicts each strategy's FLOPs from the plan and per-stage op costs
-measured by XLA (DESIGN.md §2: forward + aux head + input VJPs + one parameter VJP per
+measured by XLA (docs/design.md §2.2: forward + aux head + input VJPs + one parameter VJP per
 stage, one backward where the trained and sent cotangents coincide) and checks the
 targets of issue 2: compiled FLOPs within 5% of that count, measured time ratio within
 10% of the FLOP ratio, temp memory no more than global's plus the aux heads' share.
@@ -132,7 +132,7 @@ def stage_op_flops(stage, p, s, h, rng, k: int) -> tuple[dict[str, float], jax.A
 
 
 def predicted_flops(plan: ilbp.Plan, ops: list[dict[str, float]]) -> float:
-    """Σ_k forward + head + backward work that the plan asks of stage k (DESIGN.md §2)."""
+    """Σ_k forward + head + backward work that the plan asks of stage k (docs/design.md §2.2)."""
     total = 0.0
     for k, row in enumerate(ops):
         sp = plan[k]
@@ -144,7 +144,7 @@ def predicted_flops(plan: ilbp.Plan, ops: list[dict[str, float]]) -> float:
 
 
 def unit_flops(plan: ilbp.Plan, ops: list[dict[str, float]]) -> float:
-    """DESIGN.md §2's unit count: F + 2F backward (+F per extra input VJP) + heads."""
+    """docs/design.md §2.2's unit count: F + 2F backward (+F per extra input VJP) + heads."""
     return sum(
         3 * row["forward"] + row["head"] + len(plan[k].input_vjps) * row["forward"]
         for k, row in enumerate(ops)

@@ -3,7 +3,7 @@
 from ilbp.engine import grads, routed_grads, spec_grads
 from ilbp.losses import classification_loss, next_token_loss
 from ilbp.mesh import make_mesh
-from ilbp.stage import Stage, StagedModel, from_linen, from_nnx
+from ilbp.stage import HomogeneousStages, Stage, StagedModel, from_linen, from_nnx
 from ilbp.strategy import Plan, StagePlan, Strategy
 from ilbp.train import (
     TrainState,
@@ -13,6 +13,7 @@ from ilbp.train import (
 )
 
 __all__ = [
+    "HomogeneousStages",
     "Plan",
     "Stage",
     "StagePlan",

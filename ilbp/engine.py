@@ -5,12 +5,12 @@ Both have one signature,
     engine(model, strategy, params, state, batch, rng) -> (grads, new_state, metrics)
 
 with `grads` laid out like `params` (a K-tuple of {"stage", "head"} dicts; without aux
-heads, e2e, only {"stage"}: `trained_params`), and compute the same thing (DESIGN.md §1):
+heads, e2e, only {"stage"}: `trained_params`), and compute the same thing (docs/design.md §1):
 
 * `spec_grads` is the readable oracle: one forward per loss L_j, in which stage k's
   parameters carry gradient only if the strategy credits L_j to θ_k (scaled by the
   combine rule's coefficient), and one `jax.grad` of the sum. It recomputes forwards.
-* `routed_grads` is the production engine (DESIGN.md §2): one forward per stage with
+* `routed_grads` is the production engine (docs/design.md §2): one forward per stage with
   `jax.vjp`, then a backward sweep in which stage k receives the cotangents
   {j: ∂L_j/∂h_k} that the plan routes to it, takes one parameter VJP on the combined
   cotangent, and input VJPs (batched with `vmap`) only for what earlier stages need.
@@ -145,7 +145,7 @@ def routed_grads(
     batch: Batch,
     rng: jax.Array,
 ) -> tuple[Grads, tuple, Metrics]:
-    """Production engine: one forward per stage, routed cotangent lists (DESIGN.md §2).
+    """Production engine: one forward per stage, routed cotangent lists (docs/design.md §2).
 
     Without aux heads (`plan.aux_heads` False, e2e) no head runs and grads[k] has no
     "head" entry; the heads' state is returned as it came.

@@ -1,6 +1,6 @@
 """Schedule model: op timeline, step period, utilisation and memory of a strategy.
 
-Pure Python (no JAX), DESIGN.md §3. `simulate(strategy, K, M, T, costs)` builds the op
+Pure Python (no JAX), docs/design.md §4. `simulate(strategy, K, M, T, costs)` builds the op
 graph of T steps of M microbatches on K stages from `Strategy.plan(K)` and list-schedules
 it (ops, dependencies and priorities: `ilbp.schedule_graph`). The `Schedule` it returns
 has the timeline, the steady-state step period, each device's busy fraction, the critical
@@ -8,7 +8,7 @@ path of a step and each stage's peak number of microbatches held in flight.
 `throughput_table` and `render_table` predict each strategy's throughput relative to
 global backprop for several K and M.
 
-With equal stages, free aux heads and free transfers it reproduces DESIGN.md §3 exactly:
+With equal stages, free aux heads and free transfers it reproduces docs/design.md §4 exactly:
 split-backward global (2K + 1)F per step, fused 3K·F; local 3F; pairwise 5F whatever K;
 n-wise (2n + 1)F (its critical path grows with n, not K); GPipe-style global (fused
 backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1).
@@ -119,7 +119,7 @@ def simulate(
       num_stages: K ≥ 1, one device per stage.
       microbatches: M ≥ 1 per step; gradients accumulate, one update per step.
       steps: T ≥ 1 steps; the period is measured over the later half.
-      costs: per-op costs (default: CostModel(), DESIGN.md's units).
+      costs: per-op costs (default: CostModel(), docs/design.md §2.2's units).
       fused_backward: V and W of a shared cotangent as one op (reference implementation).
       priority: "sends_first" (default) or "gpipe" (flush: all forwards of a step
         before its backward ops on each stage; ignores max_in_flight).
@@ -184,7 +184,7 @@ def stage_work(
     """Per device, the work one microbatch gives it under `strategy`: the summed cost of
     its F, A, V and W (or B) ops, without the once-per-step update.
 
-    With the default unit costs (DESIGN.md §3, free aux heads) this is each stage's work
+    With the default unit costs (docs/design.md §4, free aux heads) this is each stage's work
     in units of its own forward: pairwise gives 3F to the end stages (no input VJP to
     send at stage 0; one fused backward at stage K-1) and 4F to the middle ones. A split
     that equalises these, not the forwards, lets every device be busy at once

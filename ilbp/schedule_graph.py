@@ -1,6 +1,6 @@
 """The schedule model's op graph and list scheduler (used by `ilbp.schedule`).
 
-Pure Python (no JAX), DESIGN.md §3. For K stages (one per device), M microbatches per
+Pure Python (no JAX), docs/design.md §4. For K stages (one per device), M microbatches per
 step and T steps, `build_graph` makes the dependency graph of the ops an executor issues;
 `list_schedule` runs it: every device runs one op at a time and starts, whenever it is
 idle, the highest-priority op whose inputs are ready (earliest-start semantics: a device
@@ -61,7 +61,7 @@ def _per_stage(value: PerStage, k: int) -> float:
 class CostModel:
     """Per-op costs; each field is one number for all stages or a per-stage sequence.
 
-    Defaults are DESIGN.md §3's units: forward F = 1, input VJP V = F, parameter VJP
+    Defaults are docs/design.md §2.2's units: forward F = 1, input VJP V = F, parameter VJP
     W = 2F alone and F when it reuses V's intermediates, free aux heads, updates and
     transfers. `transfer` is a latency on every cross-device edge (activations right,
     cotangents left); it occupies no device (asynchronous send).

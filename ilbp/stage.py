@@ -16,7 +16,11 @@ that stage k's parameters, state and optimizer state can live on device k:
     params[K - 1] = {"stage": θ_K}
     state has the same layout.
 
-Indices in code are 0-based: stage k = 0..K-1; DESIGN.md's f_1..f_K are stages 0..K-1.
+A StagedModel may also carry `homogeneous`, a description of its stages as one program
+that every stage runs (`HomogeneousStages`); the spmd executor needs it, and
+`ilbp.models.transformer_lm` attaches it.
+
+Indices in code are 0-based: stage k = 0..K-1; docs/design.md §1.1's f_1..f_K are stages 0..K-1.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 InitFn = Callable[[jax.Array, jax.Array], tuple[Params, State]]
 ApplyFn = Callable[[Params, State, jax.Array, jax.Array | None, bool], tuple[jax.Array, State]]
+# The uniform per-stage parameter layout of `HomogeneousStages`.
+PROLOGUE, BODY, HEAD = "prologue", "body", "head"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,41 @@ def _reseed(module: nnx.Module, rng: jax.Array) -> None:
         nnx.reseed(module, **{s: rng for s in streams})
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class HomogeneousStages:
+    """`stages` and `heads` of a StagedModel written as one program every stage runs:
+
+      prologue  tokens -> h_0 on stage 0 only (e.g. the embedding),
+      body      h_{k-1} -> h_k, the same function on every stage k (e.g. its blocks),
+      head      h_k -> logits on every stage: aux head k for k < K - 1, and for the last
+                stage its output layer, which must have an aux head's parameter structure.
+
+    Per stage, parameters take one *uniform* layout {PROLOGUE, BODY, HEAD} with the same
+    shapes for every k, so that they stack on a leading stage axis; the prologue slot of
+    stages k > 0 is padding, filled with NaN so that any use of it fails loudly. The
+    functions take no rng and no state: they describe stages that use neither in training.
+    `ilbp.pipeline.homogeneous.check_homogeneous` checks all of this against the model.
+
+    Attributes:
+      stages, heads: the model's stages and heads that this describes (the very objects).
+      example: an abstract input the stages take (for checks that trace them).
+      prologue: apply(params, tokens_BxT) -> h_BxTxD.
+      body: apply(params, h_BxTxD) -> h_BxTxD (params: one stage's stacked blocks).
+      head: apply(params, h_BxTxD) -> logits_BxTxV.
+      to_uniform: (stage k's {"stage", "head"} params, k) -> uniform params.
+      from_uniform: (uniform params, k) -> stage k's {"stage", "head"} params.
+    """
+
+    stages: tuple[Stage, ...]
+    heads: tuple[Stage, ...]
+    example: jax.ShapeDtypeStruct
+    prologue: Callable[[Params, jax.Array], jax.Array]
+    body: Callable[[Params, jax.Array], jax.Array]
+    head: Callable[[Params, jax.Array], jax.Array]
+    to_uniform: Callable[[Params, int], Params]
+    from_uniform: Callable[[Params, int], Params]
+
+
 @dataclasses.dataclass(frozen=True)
 class StagedModel:
     """K stages, K - 1 auxiliary heads and the losses.
@@ -142,6 +183,8 @@ class StagedModel:
       loss: ℓ(logits, batch) for the final output.
       aux_loss: ℓ for the auxiliary heads (defaults to `loss`).
       input_key: the batch entry that is h_0.
+      homogeneous: the stages as one program (`HomogeneousStages`), if they are; the
+        spmd executor runs only models that carry one.
     """
 
     stages: tuple[Stage, ...]
@@ -149,6 +192,7 @@ class StagedModel:
     loss: LossFn
     aux_loss: LossFn | None = None
     input_key: str = "inputs"
+    homogeneous: HomogeneousStages | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))

@@ -1,6 +1,6 @@
 """Strategies: which loss trains which stage, and which cotangents must travel.
 
-A strategy is a window n ≥ 1 and a combine rule (DESIGN.md §1). With 0-based stages
+A strategy is a window n ≥ 1 and a combine rule (docs/design.md §1.2). With 0-based stages
 k = 0..K-1 and j(k) = min(k + n - 1, K - 1):
 
   last: θ_k ← ∂L_{j(k)}/∂θ_k

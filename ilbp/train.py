@@ -19,9 +19,9 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from ilbp.checks import check_batch_split, check_microbatches
 from ilbp.engine import ENGINES, Grads, Metrics, loss_metrics, trained_params
 from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, batch_sharding, replicated
@@ -153,19 +153,8 @@ def apply_gradients(
     return {**new, "head": params["head"]}, opt_state
 
 
-def check_batch(batch: Batch, mesh: jax.sharding.Mesh | None, microbatches: int) -> None:
-    """Raises ValueError if the batch cannot be split over `data` and microbatches."""
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1:
-        raise ValueError(f"Every batch entry needs the same leading size; got {sorted(sizes)}.")
-    (size,) = sizes
-    data = 1 if mesh is None else mesh.shape[DATA_AXIS]
-    if size % (data * microbatches):
-        raise ValueError(
-            f"Batch size {size} must be divisible by the `data` mesh axis ({data}) times "
-            f"the number of microbatches ({microbatches}); choose a batch size that is a "
-            f"multiple of {data * microbatches}."
-        )
+def _data_size(mesh: jax.sharding.Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 
 def make_train_step(
@@ -194,8 +183,7 @@ def make_train_step(
     optimizers = per_stage_optimizers(optimizer, K)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {sorted(ENGINES)}.")
-    if microbatches < 1:
-        raise ValueError(f"microbatches must be ≥ 1; got {microbatches}.")
+    check_microbatches(microbatches)
     engine_fn = ENGINES[engine]
 
     def step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -230,7 +218,7 @@ def make_train_step(
     jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
 
     def checked_step(ts: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        check_batch(batch, mesh, microbatches)
+        check_batch_split(batch, _data_size(mesh), microbatches)
         return jitted(ts, batch)
 
     checked_step.jitted = jitted
@@ -269,7 +257,7 @@ def make_eval_step(
     jitted = jax.jit(evaluate, **shardings)
 
     def checked_eval(ts: TrainState, batch: Batch) -> Metrics:
-        check_batch(batch, mesh, 1)
+        check_batch_split(batch, _data_size(mesh), 1)
         return jitted(ts, batch)
 
     checked_eval.jitted = jitted

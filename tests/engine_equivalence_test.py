@@ -1,4 +1,4 @@
-"""float64 equivalences of the two engines on random heterogeneous stages (DESIGN.md §1–2).
+"""float64 equivalences of the two engines on random heterogeneous stages (docs/design.md §1–2).
 
 Run eagerly: every (K, n, rule) is a different program, and op-by-op execution of these
 tiny models is much cheaper than compiling each one.

@@ -1,4 +1,4 @@
-"""DESIGN.md §1: the authors' single-step numbers, for both engines."""
+"""docs/design.md §1.3: the authors' single-step numbers, for both engines."""
 
 import jax
 import jax.numpy as jnp

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 
 import ilbp
 from ilbp.pipeline import make_executor
+from ilbp.pipeline import mpmd_ops as ops
 from ilbp.pipeline.mpmd import issue_order
 from tests import toy_models as tm
 from tests.tree_asserts import assert_trees_close
@@ -176,3 +180,50 @@ def test_bad_input():
         make_executor("mpmd", MODEL, "pairwise", OPT, max_in_flight=0)
     with pytest.raises(ValueError, match="option of the mpmd executor"):
         make_executor("spmd", MODEL, "pairwise", OPT, max_in_flight=3)
+
+
+# Compilation: each per-stage op traces once per stage and shape ----------------------------
+FACTORIES = ("forward_op", "last_forward_op", "head_op", "backward_op", "update_op")
+
+
+def test_each_stage_op_compiles_once_per_stage_and_shape(monkeypatch):
+    """Three steps of M = 2 microbatches trace each op of each stage once per input
+    signature: nothing the executor passes (step, microbatch index, rngs) retraces. A and
+    W/B have two signatures: their gradient sum is None at microbatch 0, an array after."""
+    K3, M = 3, 2
+    real_jit = jax.jit
+    # Fresh ops for these executors only: the factories' caches bypassed.
+    for name in FACTORIES:
+        monkeypatch.setattr(ops, name, getattr(ops, name).__wrapped__)
+
+    def build(jit):
+        with monkeypatch.context() as building:
+            building.setattr(jax, "jit", jit)
+            return make_executor("mpmd", _model(K3), "pairwise", optax.sgd(0.1), microbatches=M)
+
+    # chex counts the traces of one function's code over all the ops made from it (every
+    # stage's F, say), so each kind may trace its signatures once per op; since every op
+    # runs with each signature, a total of at most that means exactly once each.
+    per_kind = collections.Counter()
+    build(lambda fn, **kwargs: per_kind.update([fn.__qualname__]) or real_jit(fn, **kwargs))
+    assert sum(per_kind.values()) == K3 + (K3 - 1) + K3 + K3  # F, A, W/B, U per stage
+
+    def signatures(fn) -> int:
+        return 2 if fn.__qualname__.split(".")[0] in ("head_op", "backward_op") else 1
+
+    def jit_traced_at_most_once_per_signature(fn, **kwargs):
+        n = per_kind[fn.__qualname__] * signatures(fn)
+        return real_jit(chex.assert_max_traces(fn, n=n), **kwargs)
+
+    chex.clear_trace_counter()
+    ex = build(jit_traced_at_most_once_per_signature)
+    # V is one jitted function shared by every stage: once per stage that issues it.
+    senders = {k for kind, k, _, _ in ex.order if kind == "V"}
+    assert senders
+    input_vjp = chex.assert_max_traces(ops.input_vjp_op.__wrapped__, n=len(senders))
+    monkeypatch.setattr(ops, "input_vjp_op", real_jit(input_vjp))
+
+    st = ex.init(jax.random.key(0), BATCHES[0])
+    for batch in BATCHES[:3]:
+        st, metrics = ex.step(st, batch)
+    jax.block_until_ready(metrics)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import ilbp
-from ilbp.models import TransformerConfig, transformer_lm
+from ilbp.models import LMHead, TransformerConfig, TransformerStage, transformer_lm
+from ilbp.models.transformer import transformer_homogeneous
 from ilbp.pipeline import make_executor
 from ilbp.pipeline.homogeneous import PROLOGUE
 from tests import toy_models
@@ -191,3 +194,58 @@ def test_bad_input():
         ex.init(jax.random.key(0), BATCHES[0])
     with pytest.raises(ValueError, match="stacked T × B"):
         ex.steps(None, {"inputs": np.zeros(8), "targets": np.zeros(8)})
+
+
+def _described(stages, heads, config=CONFIG) -> ilbp.StagedModel:
+    """A StagedModel of these stages and heads carrying the Transformer's description."""
+    stages, heads = tuple(stages), tuple(heads)
+    hom = transformer_homogeneous(config, stages, heads)
+    return ilbp.StagedModel(stages, heads, MODEL.loss, homogeneous=hom)
+
+
+def _with_dropout(stage: ilbp.Stage) -> ilbp.Stage:
+    def apply(params, state, x, rng, train):
+        y, state = stage.apply(params, state, x, rng, train)
+        if train and rng is not None:
+            y = y * jax.random.bernoulli(rng, 0.9, y.shape) / 0.9
+        return y, state
+
+    return ilbp.Stage(stage.init, apply, stage.name)
+
+
+def _with_state(stage: ilbp.Stage) -> ilbp.Stage:
+    def init(rng, x):
+        params, _ = stage.init(rng, x)
+        return params, {"batch_stats": {"count": jnp.zeros(())}}
+
+    def apply(params, state, x, rng, train):
+        y, _ = stage.apply(params, {}, x, rng, train)
+        return y, jax.tree.map(lambda c: c + 1, state)
+
+    return ilbp.Stage(init, apply, stage.name)
+
+
+def test_refuses_what_it_cannot_run():
+    # Each refusal names what is unsupported and the mpmd executor, before any work.
+    other_heads = [ilbp.from_linen(LMHead(CONFIG), "another head") for _ in MODEL.heads]
+    uneven = [
+        ilbp.from_linen(TransformerStage(CONFIG, n, embed=k == 0, unembed=k == 1))
+        for k, n in enumerate((1, 3))
+    ]
+    cases = {
+        "heads are not the ones": dataclasses.replace(MODEL, heads=tuple(other_heads)),
+        "stages are not the ones": dataclasses.replace(MODEL, stages=MODEL.stages[::-1]),
+        "randomness in training": _described([_with_dropout(s) for s in MODEL.stages], MODEL.heads),
+        "does not support model state": _described(
+            MODEL.stages, [*MODEL.heads[:-1], _with_state(MODEL.heads[-1])]
+        ),
+        "stage 1's differ": _described(uneven, [ilbp.from_linen(LMHead(CONFIG))]),
+        "differ from stage 0's": _described(  # aux heads not shaped like the output layer
+            MODEL.stages, [ilbp.from_linen(nn.Dense(32), train_kwarg=None) for _ in MODEL.heads]
+        ),
+        "homogeneous stages": transformer_lm(CONFIG, 1),
+    }
+    for message, model in cases.items():
+        with pytest.raises(ValueError, match=message) as error:
+            make_executor("spmd", model, "pairwise", OPT)
+        assert "mpmd executor" in str(error.value), message

@@ -1,4 +1,4 @@
-"""Schedule model: DESIGN.md §3's closed forms, schedule validity, memory, bad input."""
+"""Schedule model: docs/design.md §4's closed forms, schedule validity, memory, bad input."""
 
 import itertools
 import random
@@ -121,7 +121,7 @@ def test_gpipe_global_holds_M():
         assert max(simulate("pairwise", K, M, max_in_flight=None).in_flight) == M
 
 
-# Design targets (DESIGN.md §3) --------------------------------------------------------
+# Design targets (docs/design.md §4) -----------------------------------------------------
 @pytest.mark.parametrize("K", [4, 8, 16])
 def test_pairwise_targets(K):
     one = simulate("pairwise", K)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from ilbp.pipeline import EXECUTORS
 from ilbp.strategy import COMBINE_RULES, Strategy
 
-EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
 ARG_KEYS: tuple[str, ...] = ("k", "combine", "executor", "m")
 
 

@@ -24,10 +24,9 @@ from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
 from ilbp.models.heads import parse_head
 from ilbp.models.resnet_stages import BALANCES, resnet_split
-from ilbp.pipeline import make_executor
+from ilbp.pipeline import EXECUTORS, make_executor
 from ilbp.stage import StagedModel
 
-EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
 MODEL_KINDS: tuple[str, ...] = ("resnet", "transformer")
 # The config.optimizer fields each optimizer reads; it ignores the others.
 OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {

@@ -3,14 +3,27 @@
 Pre-LayerNorm blocks: h += attn(LN(h)); h += mlp(LN(h)), with causal multi-head
 self-attention and a GELU MLP; learned absolute or rotary positions.
 
+Shape letters, declared here once (array names end in them, e.g. `q_BxTxHxE`):
+
+  B  batch size
+  T  sequence length (≤ L)
+  L  max_len, the longest sequence the model takes
+  D  d_model, the residual width
+  F  d_ff, the MLP's hidden width
+  V  vocab_size
+  H  num_heads
+  E  head_dim = D / H
+  K  number of stages, as everywhere in ilbp (num_layers has no letter)
+
 Parameter layout (every stage, and the unsplit `TransformerLM`, use these names):
 
   "embed":      {"tokens": {"embedding": VxD}, "positions": {"embedding": LxD}}
                 (stage 0 only; "positions" only with learned positions)
   "blocks":     the stage's blocks, every leaf stacked on a leading axis of length
                 num_layers / K (one `nn.scan` over `Block`). Its pytree structure is
-                identical in every stage, so the K stages' "blocks" stack to K x (L/K) x ...
-                for pipelining, and concatenate to the unsplit model's L x ...
+                identical in every stage, so the K stages' "blocks" stack to
+                K x (num_layers / K) x ... for pipelining, and concatenate to the
+                unsplit model's num_layers x ...
   "final_norm": {"scale", "bias"}  (stage K-1 only)
   "unembed":    {"kernel": DxV}    (stage K-1 only; absent with tied embeddings)
 
@@ -38,7 +51,17 @@ import jax.numpy as jnp
 
 from ilbp.losses import next_token_loss
 from ilbp.models.splitting import check_num_stages
-from ilbp.stage import LossFn, StagedModel, from_linen
+from ilbp.stage import (
+    BODY,
+    HEAD,
+    PROLOGUE,
+    HomogeneousStages,
+    LossFn,
+    Params,
+    Stage,
+    StagedModel,
+    from_linen,
+)
 
 _INIT_STD = 0.02
 
@@ -53,7 +76,7 @@ class TransformerConfig:
         table; for rotary positions, the longest context it is meant for).
       num_layers: number of blocks.
       d_model: D.
-      num_heads: H; D must be divisible by H (head dim D/H, even for rotary).
+      num_heads: H; D must be divisible by H (head dim E = D/H, even for rotary).
       d_ff: MLP hidden width F (default 4D).
       positions: "learned" or "rotary".
       tie_embeddings: logits use the token embedding transposed (K = 1 only).
@@ -121,15 +144,15 @@ def _layer_norm(c: TransformerConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=c.ln_epsilon, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
 
 
-def _rotary(x_BxTxHxK: jax.Array, base: float) -> jax.Array:
-    """Rotates pairs (x_i, x_{i+K/2}) by angle t * base^(-2i/K) at position t."""
-    T, K = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
-    freq_K2 = base ** (-jnp.arange(0, K // 2, dtype=jnp.float32) * 2 / K)
-    angle_TxK2 = jnp.arange(T, dtype=jnp.float32)[:, None] * freq_K2[None, :]
-    cos, sin = jnp.cos(angle_TxK2)[:, None, :], jnp.sin(angle_TxK2)[:, None, :]
-    x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+def _rotary(x_BxTxHxE: jax.Array, base: float) -> jax.Array:
+    """Rotates pairs (x_i, x_{i+E/2}) by angle t * base^(-2i/E) at position t."""
+    T, E = x_BxTxHxE.shape[1], x_BxTxHxE.shape[-1]
+    freq_E2 = base ** (-jnp.arange(0, E // 2, dtype=jnp.float32) * 2 / E)  # E2 = E/2
+    angle_TxE2 = jnp.arange(T, dtype=jnp.float32)[:, None] * freq_E2[None, :]
+    cos, sin = jnp.cos(angle_TxE2)[:, None, :], jnp.sin(angle_TxE2)[:, None, :]
+    x1, x2 = jnp.split(x_BxTxHxE.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxHxK.dtype)
+    return out.astype(x_BxTxHxE.dtype)
 
 
 class Block(nn.Module):
@@ -141,24 +164,24 @@ class Block(nn.Module):
     def __call__(self, h_BxTxD: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
         c = self.config
         T = h_BxTxD.shape[1]
-        H, K = c.num_heads, c.head_dim
+        H, E = c.num_heads, c.head_dim
         out_std = _INIT_STD / (2 * c.num_layers) ** 0.5  # GPT-2's residual scaling.
 
         x_BxTxD = _layer_norm(c, "attn_norm")(h_BxTxD)
-        q_BxTxHxK = _dense(c, (H, K), "query")(x_BxTxD)
-        k_BxTxHxK = _dense(c, (H, K), "key")(x_BxTxD)
-        v_BxTxHxK = _dense(c, (H, K), "value")(x_BxTxD)
+        q_BxTxHxE = _dense(c, (H, E), "query")(x_BxTxD)
+        k_BxTxHxE = _dense(c, (H, E), "key")(x_BxTxD)
+        v_BxTxHxE = _dense(c, (H, E), "value")(x_BxTxD)
         if c.positions == "rotary":
-            q_BxTxHxK = _rotary(q_BxTxHxK, c.rope_base)
-            k_BxTxHxK = _rotary(k_BxTxHxK, c.rope_base)
-        logits_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxTxHxK) / K**0.5
+            q_BxTxHxE = _rotary(q_BxTxHxE, c.rope_base)
+            k_BxTxHxE = _rotary(k_BxTxHxE, c.rope_base)
+        logits_BxHxTxT = jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxTxHxE) / E**0.5
         # Softmax in ≥ float32 even with bfloat16 compute.
         logits_BxHxTxT = logits_BxHxTxT.astype(jnp.promote_types(c.dtype, jnp.float32))
         causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
         logits_BxHxTxT = jnp.where(causal_TxT, logits_BxHxTxT, jnp.finfo(logits_BxHxTxT.dtype).min)
-        probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v_BxTxHxK.dtype)
-        o_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxT, v_BxTxHxK)
-        h_BxTxD = h_BxTxD + _dense(c, c.d_model, "out", out_std, axis=(-2, -1))(o_BxTxHxK)
+        probs_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1).astype(v_BxTxHxE.dtype)
+        o_BxTxHxE = jnp.einsum("bhts,bshe->bthe", probs_BxHxTxT, v_BxTxHxE)
+        h_BxTxD = h_BxTxD + _dense(c, c.d_model, "out", out_std, axis=(-2, -1))(o_BxTxHxE)
 
         x_BxTxD = _layer_norm(c, "mlp_norm")(h_BxTxD)
         x_BxTxF = nn.gelu(_dense(c, c.ff_dim, "mlp_in")(x_BxTxD))
@@ -271,21 +294,22 @@ def transformer_lm(
 
     Input: batch[input_key] tokens_BxT int32; output logits_BxTxV; aux head k (LayerNorm
     + unembedding) gives logits_BxTxV from stage k's output. Loss defaults to
-    `next_token_loss()` on batch["targets"].
+    `next_token_loss()` on batch["targets"]. The model carries its description as one
+    program per stage (`StagedModel.homogeneous`, `transformer_homogeneous`).
     """
-    L = config.num_layers
-    check_num_stages(num_stages, L, "Transformer blocks")
-    if L % num_stages:
+    num_layers = config.num_layers
+    check_num_stages(num_stages, num_layers, "Transformer blocks")
+    if num_layers % num_stages:
         raise ValueError(
-            f"num_layers={L} is not divisible by num_stages={num_stages}; stages must hold "
-            "equal numbers of blocks (so their parameters can be stacked)."
+            f"num_layers={num_layers} is not divisible by num_stages={num_stages}; stages "
+            "must hold equal numbers of blocks (so their parameters can be stacked)."
         )
     if config.tie_embeddings and num_stages > 1:
         raise ValueError(
             "tie_embeddings=True needs num_stages=1: the last stage cannot share stage 0's "
             "embedding, since every stage owns its parameters. Use tie_embeddings=False."
         )
-    n = L // num_stages
+    n = num_layers // num_stages
     stages, heads = [], []
     for k in range(num_stages):
         first, last = k == 0, k == num_stages - 1
@@ -293,10 +317,59 @@ def transformer_lm(
         stages.append(from_linen(module, f"blocks {k * n}..{(k + 1) * n - 1}"))
         if not last:
             heads.append(from_linen(LMHead(config), f"lm head after block {(k + 1) * n - 1}"))
+    stages, heads = tuple(stages), tuple(heads)
     return StagedModel(
-        tuple(stages),
-        tuple(heads),
+        stages,
+        heads,
         loss or next_token_loss(),
         aux_loss=aux_loss,
         input_key=input_key,
+        homogeneous=transformer_homogeneous(config, stages, heads) if num_stages > 1 else None,
+    )
+
+
+def transformer_homogeneous(
+    config: TransformerConfig, stages: tuple[Stage, ...], heads: tuple[Stage, ...]
+) -> HomogeneousStages:
+    """`transformer_lm`'s K stages and heads as one program (`ilbp.HomogeneousStages`):
+    prologue the embedding, body num_layers / K blocks, head LayerNorm + unembedding,
+    which is both an `LMHead` and the last stage's final norm + unembedding."""
+    K = len(stages)
+    prologue_m = TransformerStage(config, 0, embed=True, unembed=False)
+    body_m = TransformerStage(config, config.num_layers // K, embed=False, unembed=False)
+    head_m = LMHead(config)
+
+    def to_uniform(p: Params, k: int) -> Params:
+        stage = p["stage"]
+        if k == K - 1:
+            head = {"norm": stage["final_norm"], "unembed": stage["unembed"]}
+        else:
+            head = p["head"]
+        if k == 0:
+            prologue = stage["embed"]
+        else:  # padding with the embedding's shapes
+            shapes = jax.eval_shape(
+                lambda: prologue_m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+            )["params"]["embed"]
+            prologue = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+        return {PROLOGUE: prologue, BODY: stage["blocks"], HEAD: head}
+
+    def from_uniform(u: Params, k: int) -> Params:
+        stage: dict[str, Any] = {"blocks": u[BODY]}
+        if k == 0:
+            stage = {"embed": u[PROLOGUE], **stage}
+        if k == K - 1:
+            stage.update(final_norm=u[HEAD]["norm"], unembed=u[HEAD]["unembed"])
+            return {"stage": stage}
+        return {"stage": stage, "head": u[HEAD]}
+
+    return HomogeneousStages(
+        stages=stages,
+        heads=heads,
+        example=jax.ShapeDtypeStruct((1, config.max_len), jnp.int32),
+        prologue=lambda p, tokens: prologue_m.apply({"params": {"embed": p}}, tokens),
+        body=lambda p, h: body_m.apply({"params": {"blocks": p}}, h),
+        head=lambda p, h: head_m.apply({"params": p}, h),
+        to_uniform=to_uniform,
+        from_uniform=from_uniform,
     )

@@ -8,7 +8,7 @@ An executor runs training steps of one (model, strategy, optimizer) on some devi
     ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval)
     state = ex.from_train_state(ts)      # and back
 
-Kinds (DESIGN.md §3):
+Kinds (docs/design.md §3):
   "simulated": every stage in one `jax.jit` (`ilbp.make_train_step`), data parallel over
                the mesh axis `data`; its state is the TrainState itself.
   "mpmd":      stage k's state and ops on device (group) k, jitted per stage and issued
@@ -26,9 +26,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
-import numpy as np
 
+from ilbp.checks import check_microbatches
 from ilbp.engine import Metrics
+from ilbp.pipeline.mpmd import MPMDExecutor
+from ilbp.pipeline.spmd import SPMDExecutor
 from ilbp.schedule import MaxInFlight
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
@@ -47,36 +49,6 @@ class Executor(Protocol):
     def to_train_state(self, state: Any) -> TrainState: ...
 
     def from_train_state(self, ts: TrainState) -> Any: ...
-
-
-def check_microbatches(microbatches: int) -> None:
-    if not isinstance(microbatches, int) or microbatches < 1:
-        raise ValueError(f"microbatches must be an integer ≥ 1; got {microbatches!r}.")
-
-
-def check_batch_split(batch: Batch, data: int, microbatches: int) -> int:
-    """Returns the batch size; ValueError if it does not split into data × M pieces."""
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1:
-        raise ValueError(f"Every batch entry needs the same leading size; got {sorted(sizes)}.")
-    (size,) = sizes
-    if size % (data * microbatches):
-        raise ValueError(
-            f"Batch size {size} must be divisible by the `data` parallelism ({data}) times "
-            f"the number of microbatches ({microbatches}); choose a batch size that is a "
-            f"multiple of {data * microbatches} or change microbatches."
-        )
-    return size
-
-
-def check_stage_devices(num_stages: int, available: int, kind: str) -> None:
-    if num_stages > available:
-        raise ValueError(
-            f"The {kind} executor needs one device (group) per stage: the model has "
-            f"K={num_stages} stages but only {available} devices are available. Cut the "
-            "model into fewer stages, or on CPU set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={num_stages} before importing jax."
-        )
 
 
 class SimulatedExecutor:
@@ -124,7 +96,8 @@ def make_executor(
     """An executor of `kind` ("simulated", "mpmd" or "spmd"); see the module docstring.
 
     Args:
-      model: the staged model (for "spmd", one whose stages stack: `HomogeneousStages`).
+      model: the staged model (for "spmd", one that carries a `HomogeneousStages`, as
+        `transformer_lm`'s do; `ilbp.pipeline.check_homogeneous` says what it refuses).
       strategy: a Strategy or a name `Strategy.parse` accepts.
       optimizer: one optax transformation for every stage, or one per stage.
       microbatches: M ≥ 1: a step accumulates M microbatches' gradients, updates once.
@@ -144,8 +117,6 @@ def make_executor(
     if kind == "simulated":
         return SimulatedExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)
     if kind == "mpmd":
-        from ilbp.pipeline.mpmd import MPMDExecutor
-
         return MPMDExecutor(
             model,
             strategy,
@@ -156,8 +127,6 @@ def make_executor(
             max_in_flight=max_in_flight,
         )
     if kind == "spmd":
-        from ilbp.pipeline.spmd import SPMDExecutor
-
         if devices is not None:
             raise ValueError("The spmd executor takes a `mesh`, not `devices`.")
         return SPMDExecutor(model, strategy, optimizer, microbatches=microbatches, mesh=mesh)

@@ -1,126 +1,125 @@
-"""Homogeneous stages: a StagedModel as one program that every pipeline stage runs.
+"""What the SPMD executor requires of a model, checked before any work.
 
-The SPMD executor runs the same code on every stage, so a model must be described as
+The SPMD executor runs one program on every stage, so it runs a StagedModel through its
+`homogeneous` description (`ilbp.HomogeneousStages`, which `ilbp.models.transformer_lm`
+attaches). `check_homogeneous(model)` returns that description once it has checked,
+abstractly (tracing only: no compilation, no FLOPs), that the description is of this
+model and that the program can run it:
 
-  prologue  tokens -> h_0 on stage 0 only (the embedding),
-  body      h_{k-1} -> h_k, the same function on every stage k (the blocks),
-  head      h_k -> logits on every stage: the aux head for k < K-1, and for the last
-            stage the model's own output layer (final norm + unembedding), which for the
-            Transformer has exactly an aux head's structure (LayerNorm + unembedding).
+- the model carries a description, of K ≥ 2 stages;
+- the description is of the model's own stages and heads (not of stages or heads since
+  replaced);
+- no stage or head keeps state (BatchNorm statistics, RNG counters): the program carries
+  none;
+- no stage or head uses the step's rng in training (dropout): the program passes none;
+- in the uniform layout every stage's parameters have stage 0's structure and shapes
+  (equal stage depths; the last stage's output layer shaped like an aux head), so they
+  stack, and they convert back to the model's layout.
 
-Per stage, parameters take one *uniform* layout {"prologue", "body", "head"} with the
-same shapes for every k, so they stack on a leading stage axis; the prologue slot of
-stages k > 0 is padding, filled with NaN so that any use of it fails loudly.
-`to_uniform`/`from_uniform` convert stage k's StagedModel parameters ({"stage", "head"})
-to and from that layout.
-
-`transformer_stages(model)` recognises a StagedModel built by
-`ilbp.models.transformer_lm` (it reads the Linen module each stage wraps).
+Each failure is a ValueError that names what is unsupported and the alternative: the
+`mpmd` executor, which runs any StagedModel.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections.abc import Callable
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 
-from ilbp.models.transformer import LMHead, TransformerConfig, TransformerStage
-from ilbp.stage import LossFn, Params, StagedModel
+from ilbp.stage import BODY, HEAD, PROLOGUE, HomogeneousStages, Params, Stage, StagedModel
 
-PROLOGUE, BODY, HEAD = "prologue", "body", "head"
+__all__ = ["BODY", "HEAD", "PROLOGUE", "HomogeneousStages", "check_homogeneous"]
 
-
-@dataclasses.dataclass(frozen=True)
-class HomogeneousStages:
-    """A StagedModel whose K stages are prologue + K × body + head (module docstring).
-
-    Attributes:
-      model: the StagedModel it describes (for the single-program layout).
-      prologue: apply(params, tokens_BxT) -> h_BxTxD.
-      body: apply(params, h_BxTxD) -> h_BxTxD (params: one stage's stacked blocks).
-      head: apply(params, h_BxTxD) -> logits_BxTxV.
-      to_uniform: (stage k's {"stage", "head"} params, k) -> uniform params.
-      from_uniform: (uniform params, k) -> stage k's {"stage", "head"} params.
-    """
-
-    model: StagedModel
-    prologue: Callable[[Params, jax.Array], jax.Array]
-    body: Callable[[Params, jax.Array], jax.Array]
-    head: Callable[[Params, jax.Array], jax.Array]
-    to_uniform: Callable[[Params, int], Params]
-    from_uniform: Callable[[Params, int], Params]
-
-    @property
-    def num_stages(self) -> int:
-        return self.model.num_stages
-
-    @property
-    def loss(self) -> LossFn:
-        return self.model.loss
-
-    @property
-    def aux_loss(self) -> LossFn:
-        return self.model.aux_loss or self.model.loss
+_USE_MPMD = "Use the mpmd executor, which runs any StagedModel."
 
 
-def _module(stage) -> Any:
-    return inspect.getclosurevars(stage.apply).nonlocals.get("module")
-
-
-def transformer_stages(model: StagedModel | HomogeneousStages) -> HomogeneousStages:
-    """The homogeneous description of a `transformer_lm` StagedModel (K ≥ 2).
-
-    ValueError if the model's stages are not Transformer stages of equal depth.
-    """
-    if isinstance(model, HomogeneousStages):
-        return model
-    modules = [_module(s) for s in model.stages]
-    if not all(isinstance(m, TransformerStage) for m in modules) or model.num_stages < 2:
+def check_homogeneous(model: StagedModel) -> HomogeneousStages:
+    """`model.homogeneous`, checked as the module docstring says; ValueError otherwise."""
+    hom = model.homogeneous
+    if hom is None or model.num_stages < 2:
         raise ValueError(
             "The spmd executor needs homogeneous stages: a Transformer StagedModel from "
-            "ilbp.models.transformer_lm with K ≥ 2 stages (or a HomogeneousStages). Use the "
-            "mpmd executor for heterogeneous models such as the ResNets."
+            "ilbp.models.transformer_lm with K ≥ 2 stages (or a StagedModel that carries an "
+            "ilbp.HomogeneousStages). Use the mpmd executor for heterogeneous models such as "
+            "the ResNets."
         )
-    config: TransformerConfig = modules[0].config
-    n = modules[0].num_blocks
-    K = model.num_stages
-    prologue_m = TransformerStage(config, 0, embed=True, unembed=False)
-    body_m = TransformerStage(config, n, embed=False, unembed=False)
-    head_m = LMHead(config)
+    for what, own, described in (
+        ("stages", model.stages, hom.stages),
+        ("heads", model.heads, hom.heads),
+    ):
+        if tuple(own) != tuple(described):
+            raise ValueError(
+                f"The model's {what} are not the ones its homogeneous description was built "
+                f"for (were they replaced after the model was built?), so the spmd executor "
+                f"would run other {what}. Rebuild the description for these {what}. {_USE_MPMD}"
+            )
+    params = _trace_stages(model, hom.example)
+    _check_uniform_layout(params, hom)
+    return hom
 
-    def to_uniform(p: Params, k: int) -> Params:
-        stage = p["stage"]
-        if k == K - 1:
-            head = {"norm": stage["final_norm"], "unembed": stage["unembed"]}
-        else:
-            head = p["head"]
-        if k == 0:
-            prologue = stage["embed"]
-        else:  # padding with the embedding's shapes
-            shapes = jax.eval_shape(
-                lambda: prologue_m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-            )["params"]["embed"]
-            prologue = jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-        return {PROLOGUE: prologue, BODY: stage["blocks"], HEAD: head}
 
-    def from_uniform(u: Params, k: int) -> Params:
-        stage: dict[str, Any] = {"blocks": u[BODY]}
-        if k == 0:
-            stage = {"embed": u[PROLOGUE], **stage}
-        if k == K - 1:
-            stage.update(final_norm=u[HEAD]["norm"], unembed=u[HEAD]["unembed"])
-            return {"stage": stage}
-        return {"stage": stage, "head": u[HEAD]}
+def _abstract_key() -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(lambda: jax.random.key(0))
 
-    return HomogeneousStages(
-        model=model,
-        prologue=lambda p, tokens: prologue_m.apply({"params": {"embed": p}}, tokens),
-        body=lambda p, h: body_m.apply({"params": {"blocks": p}}, h),
-        head=lambda p, h: head_m.apply({"params": p}, h),
-        to_uniform=to_uniform,
-        from_uniform=from_uniform,
-    )
+
+def _trace_stages(model: StagedModel, x: jax.ShapeDtypeStruct) -> list[Params]:
+    """Traces every stage and head once (init and training apply) on the model input x;
+    returns the stages' abstract {"stage", "head"} params."""
+    key = _abstract_key()
+    params: list[Params] = []
+    for k, stage in enumerate(model.stages):
+        p_stage, h = _trace(stage, key, x, f"stage {k} ({stage.name})")
+        params.append({"stage": p_stage})
+        if k < len(model.heads):
+            head = model.heads[k]
+            params[k]["head"], _ = _trace(head, key, h, f"aux head {k} ({head.name})")
+        x = h
+    return params
+
+
+def _trace(part: Stage, key, x, name: str) -> tuple[Params, jax.ShapeDtypeStruct]:
+    """(abstract params, abstract output) of `part` on x; ValueError if it keeps state or
+    uses the rng in training."""
+    try:
+        params, state = jax.eval_shape(part.init, key, x)
+        closed = jax.make_jaxpr(lambda r, p, s, x: part.apply(p, s, x, r, True))(
+            key, params, state, x
+        )
+    except Exception as e:
+        raise ValueError(
+            f"{name} cannot take its input of shape {x.shape} and dtype {x.dtype}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if jax.tree.leaves(state):
+        raise ValueError(
+            f"The spmd executor does not support model state: {name} keeps "
+            f"{list(state) if isinstance(state, dict) else 'state'} (e.g. BatchNorm "
+            f"statistics), which its program does not carry. {_USE_MPMD}"
+        )
+    rng = closed.jaxpr.invars[0]
+    if any(rng in eqn.invars for eqn in closed.jaxpr.eqns):
+        raise ValueError(
+            f"The spmd executor does not support randomness in training (dropout): "
+            f"{name} uses the step's rng, which its program does not pass. {_USE_MPMD}"
+        )
+    y = closed.out_avals[0]
+    return params, jax.ShapeDtypeStruct(y.shape, y.dtype)
+
+
+def _check_uniform_layout(params: list[Params], hom: HomogeneousStages) -> None:
+    """Every stage's uniform params have stage 0's shapes and convert back to its own."""
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    uniform = [jax.eval_shape(lambda p, k=k: hom.to_uniform(p, k), p) for k, p in enumerate(params)]
+    for k, u in enumerate(uniform):
+        if shapes(u) != shapes(uniform[0]):
+            raise ValueError(
+                f"The spmd executor stacks every stage's parameters, but stage {k}'s differ "
+                f"from stage 0's in the uniform layout ({PROLOGUE}/{BODY}/{HEAD}): stages of "
+                f"unequal depths, or an output layer not shaped like the aux heads.\n"
+                f"  stage 0: {shapes(uniform[0])}\n  stage {k}: {shapes(u)}\n{_USE_MPMD}"
+            )
+        back = jax.eval_shape(lambda u, k=k: hom.from_uniform(u, k), u)
+        if shapes(back) != shapes(params[k]):
+            raise ValueError(
+                f"The homogeneous description does not convert stage {k}'s parameters back "
+                f"to the model's layout: {shapes(back)} against {shapes(params[k])}. "
+                f"{_USE_MPMD}"
+            )

@@ -29,11 +29,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from ilbp.checks import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.engine import Metrics
 from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
-from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.schedule import MaxInFlight, simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy

@@ -23,10 +23,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from ilbp.checks import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.engine import Metrics, loss_metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh
-from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
-from ilbp.pipeline.homogeneous import HomogeneousStages, transformer_stages
+from ilbp.pipeline.homogeneous import check_homogeneous
 from ilbp.pipeline.spmd_clock import Clock, stage_program
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
@@ -64,7 +64,7 @@ class SPMDExecutor:
 
     def __init__(
         self,
-        model: StagedModel | HomogeneousStages,
+        model: StagedModel,
         strategy: Strategy,
         optimizer: Optimizer,
         *,
@@ -72,9 +72,9 @@ class SPMDExecutor:
         mesh: Mesh | None = None,
     ):
         check_microbatches(microbatches)
-        self.hom = transformer_stages(model)
-        self.model = self.hom.model
-        K = self.model.num_stages
+        self.hom = check_homogeneous(model)
+        self.model = model
+        K = model.num_stages
         strategy.check(K)
         if not isinstance(optimizer, optax.GradientTransformation):
             raise ValueError("The spmd executor takes one optax transformation for all stages.")
@@ -138,7 +138,7 @@ class SPMDExecutor:
             self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(stacked_opt, k), uniform0)
             for k in range(K)
         )
-        # Transformer stages keep no mutable state.
+        # Homogeneous stages keep no state (check_homogeneous).
         state = ({"stage": {}, "head": {}},) * (K - 1) + ({"stage": {}},)
         return TrainState(jnp.asarray(st.step), params, state, opt, st.rng)
 
@@ -185,7 +185,7 @@ class SPMDExecutor:
         T = jax.tree.leaves(split)[0].shape[0]
         rng = jax.random.fold_in(st.rng, st.step)
         stage_fn = jax.shard_map(
-            functools.partial(stage_program, self.clock, self.hom, self.tx),
+            functools.partial(stage_program, self.clock, self.model, self.tx),
             mesh=self.mesh,
             in_specs=(P(STAGE_AXIS), P(STAGE_AXIS), P(), P()),
             out_specs=(P(STAGE_AXIS), P(STAGE_AXIS), P(STAGE_AXIS)),

@@ -48,8 +48,7 @@ import optax
 
 from ilbp.losses import loss_count
 from ilbp.mesh import STAGE_AXIS
-from ilbp.pipeline.homogeneous import BODY, HEAD, PROLOGUE, HomogeneousStages
-from ilbp.stage import Batch, Params
+from ilbp.stage import BODY, HEAD, PROLOGUE, Batch, HomogeneousStages, Params, StagedModel
 from ilbp.strategy import Strategy
 
 
@@ -148,8 +147,8 @@ def _forward_vjp(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, toke
 
 @flax.struct.dataclass
 class Carry:
-    """What stage k carries from one clock tick to the next (h: b × T × D, one microbatch's
-    activation; S slots, n_ lanes as in `Clock`).
+    """What stage k carries from one clock tick to the next (h: the shape of one
+    microbatch's activation h_k; S slots, n_ lanes as in `Clock`).
 
     Attributes:
       params, opt_state: θ_k in the uniform layout, and its optimizer state.
@@ -185,6 +184,7 @@ class _Stage:
     """
 
     clock: Clock
+    model: StagedModel
     hom: HomogeneousStages
     tx: optax.GradientTransformation
     split: Batch
@@ -199,9 +199,10 @@ class _Stage:
     res_treedef: Any
 
     @classmethod
-    def of(cls, clock, hom, tx, params0: Params, split: Batch) -> _Stage:
+    def of(cls, clock, model, tx, params0: Params, split: Batch) -> _Stage:
         k = jax.lax.axis_index(STAGE_AXIS)
-        tokens0 = split[hom.model.input_key][0, 0]
+        hom = model.homogeneous
+        tokens0 = split[model.input_key][0, 0]
         h = jax.eval_shape(lambda: _forward(hom, k, _trunk(params0), jnp.zeros(()), tokens0))
         zeros_h = jnp.zeros(h.shape, h.dtype)
         _, vjp_proto = jax.eval_shape(
@@ -213,6 +214,7 @@ class _Stage:
             counts = jax.vmap(jax.vmap(loss_count))(split)  # over every data shard
         return cls(
             clock=clock,
+            model=model,
             hom=hom,
             tx=tx,
             split=split,
@@ -252,7 +254,7 @@ class _Stage:
         return jnp.maximum(jnp.sum(self.counts[s], -1), 1.0)
 
     def forward_vjp(self, trunk: Params, x_in: jax.Array, s: jax.Array, m: jax.Array):
-        tokens = self.microbatch(s, m)[self.hom.model.input_key]
+        tokens = self.microbatch(s, m)[self.model.input_key]
         return _forward_vjp(self.hom, self.k, trunk, x_in, tokens)
 
     def vjp(self, res: list[jax.Array], slot: jax.Array, cotangent: jax.Array):
@@ -261,15 +263,16 @@ class _Stage:
 
     def head_loss(self, p_head: Params, h: jax.Array, batch: Batch):
         """(w_k L_k, (L_k, loss_fn metrics)): the aux loss on k < K - 1, the model's on K - 1."""
-        hom, K = self.hom, self.clock.num_stages
-        logits = hom.head(p_head, h)
-        if hom.aux_loss is hom.loss:
-            loss, m = hom.loss(logits, batch)
+        model, K = self.model, self.clock.num_stages
+        logits = self.hom.head(p_head, h)
+        aux_loss = model.head_loss(0)  # the aux heads' loss
+        if aux_loss is model.loss:
+            loss, m = model.loss(logits, batch)
         else:
             loss, m = jax.lax.cond(
                 self.k == K - 1,
-                lambda: hom.loss(logits, batch),
-                lambda: hom.aux_loss(logits, batch),
+                lambda: model.loss(logits, batch),
+                lambda: aux_loss(logits, batch),
             )
         return self.weight * loss, (loss, m)
 
@@ -493,21 +496,22 @@ def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
 
 def stage_program(
     clock: Clock,
-    hom: HomogeneousStages,
+    model: StagedModel,
     tx: optax.GradientTransformation,
     params_1: Any,
     opt_1: Any,
     split: Batch,
     rng: jax.Array,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Stage k's T steps, run inside `jax.shard_map` manual over `stage` (module docstring).
+    """Stage k's T steps, run inside `jax.shard_map` manual over `stage` (module docstring),
+    through `model.homogeneous` (checked by `ilbp.pipeline.homogeneous.check_homogeneous`).
 
     params_1/opt_1: its 1 × ... slices of the stacked parameters and optimizer state;
     split: T × M × b × ... microbatches. Returns its new slices and its metrics (1 × T).
     """
     params = jax.tree.map(lambda x: x[0], params_1)
     opt_state = jax.tree.map(lambda x: x[0], opt_1)
-    st = _Stage.of(clock, hom, tx, params, split)
+    st = _Stage.of(clock, model, tx, params, split)
     carry = _initial_carry(st, params, opt_state)
     tick = lambda tau, c: _tick(st, tau, c)
     carry = jax.lax.fori_loop(0, clock.ticks(st.num_steps), tick, carry)
