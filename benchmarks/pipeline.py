@@ -64,12 +64,13 @@ import optax  # noqa: E402
 import ilbp  # noqa: E402
 from ilbp.pipeline import make_executor  # noqa: E402
 from ilbp.pipeline import mpmd_ops as ops  # noqa: E402
-from ilbp.pipeline.trace import in_run_costs, record_timeline, summarize  # noqa: E402
+from ilbp.pipeline.trace import in_run_costs, record_timeline  # noqa: E402
 from ilbp.schedule import (  # noqa: E402
     CostModel,
     render_table,
     simulate,
     stage_work,
+    steady_state,
     throughput_table,
 )
 from ilbp.strategy import StagePlan, Strategy  # noqa: E402
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
             period = (time.perf_counter() - t0) / args.steps * 1e3
             sched = simulate(spec, K, M, steps=8, costs=costs, fused_backward=True)
             st, timeline = record_timeline(ex, st, batch, steps=args.steps)
-            traced, traced_busy = summarize(timeline, K)
+            traced, traced_busy = steady_state(timeline, K)
             in_run = simulate(
                 spec, K, M, steps=8, costs=in_run_costs(timeline, K), fused_backward=True
             )

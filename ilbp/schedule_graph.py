@@ -40,9 +40,10 @@ backward op of that step on a stage (a barrier dependency), no cap.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import heapq
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 from ilbp.strategy import Plan
 
@@ -51,6 +52,44 @@ PRIORITIES: tuple[str, ...] = ("sends_first", "gpipe")
 _EPS = 1e-9
 
 PerStage = float | Sequence[float]
+
+
+class OpKind(enum.StrEnum):
+    """The kinds of op a stage runs (module docstring); the value is the chart letter.
+
+    A StrEnum, so a kind prints as its letter ("F", "V", ...) in op names and tables.
+    """
+
+    FORWARD = "F"
+    AUX = "A"  # aux head forward + backward
+    INPUT_VJP = "V"
+    PARAM_VJP = "W"
+    BACKWARD = "B"  # V and W of one cotangent as one op
+    UPDATE = "U"
+
+
+# The ops that read a microbatch's forward residuals (held until the last one ends).
+VJP_KINDS = frozenset({OpKind.INPUT_VJP, OpKind.PARAM_VJP, OpKind.BACKWARD})
+
+
+def op_name(kind: OpKind, step: int, microbatch: int, stage: int, loss: int | None) -> str:
+    """An op's display name, e.g. "V[3](t1,m0,k2)" (no microbatch for an update)."""
+    j = "" if loss is None else f"[{loss}]"
+    m = "" if microbatch < 0 else f",m{microbatch}"
+    return f"{kind}{j}(t{step}{m},k{stage})"
+
+
+class TimedOp(Protocol):
+    """What a scheduled or measured op has for steady-state measures and charts."""
+
+    kind: OpKind
+    stage: int
+    step: int
+    start: float
+    end: float
+
+    @property
+    def cost(self) -> float: ...
 
 
 def _per_stage(value: PerStage, k: int) -> float:
@@ -113,18 +152,20 @@ class CostModel:
             transfer=transfer,
         )
 
-    def of(self, kind: str, k: int) -> float:
-        """Cost of op `kind` ("F", "A", "V", "W", "Ws", "B", "U") on stage k."""
-        if kind == "B":
-            return self.of("V", k) + self.of("Ws", k)
+    def of(self, kind: OpKind, k: int, *, shared: bool = False) -> float:
+        """Cost of op `kind` on stage k; `shared`: a parameter VJP that reuses the
+        intermediates of the input VJP of its cotangent (W_shared)."""
+        if kind == OpKind.BACKWARD:
+            return self.of(OpKind.INPUT_VJP, k) + self.of(OpKind.PARAM_VJP, k, shared=True)
+        if kind == OpKind.PARAM_VJP and shared:
+            return _per_stage(self.param_vjp_shared, k)
         field = {
-            "F": self.forward,
-            "A": self.aux,
-            "V": self.input_vjp,
-            "W": self.param_vjp,
-            "Ws": self.param_vjp_shared,
-            "U": self.update,
-        }[kind]
+            OpKind.FORWARD: self.forward,
+            OpKind.AUX: self.aux,
+            OpKind.INPUT_VJP: self.input_vjp,
+            OpKind.PARAM_VJP: self.param_vjp,
+            OpKind.UPDATE: self.update,
+        }[OpKind(kind)]
         return _per_stage(field, k)
 
 
@@ -132,7 +173,7 @@ class CostModel:
 class Op:
     """One op of the graph; `deps` are (op, latency) pairs. Filled in by `simulate`."""
 
-    kind: str
+    kind: OpKind
     stage: int
     step: int
     microbatch: int  # -1 for U
@@ -145,9 +186,7 @@ class Op:
 
     @property
     def name(self) -> str:
-        j = "" if self.loss is None else f"[{self.loss}]"
-        m = "" if self.microbatch < 0 else f",m{self.microbatch}"
-        return f"{self.kind}{j}(t{self.step}{m},k{self.stage})"
+        return op_name(self.kind, self.step, self.microbatch, self.stage, self.loss)
 
     def __repr__(self) -> str:
         return f"{self.name}@[{self.start:g},{self.end:g}]"
@@ -168,14 +207,14 @@ def build_graph(
     K, M, tr = len(plan), microbatches, costs.transfer
     ops: list[Op] = []
 
-    def new(kind, k, t, m, cost, loss=None) -> Op:
-        op = Op(kind, k, t, m, loss, cost)
+    def new(kind: OpKind, k: int, t: int, m: int, loss=None, *, shared=False) -> Op:
+        op = Op(kind, k, t, m, loss, costs.of(kind, k, shared=shared))
         ops.append(op)
         return op
 
     updates: list[Op | None] = [None] * K
     for t in range(steps):
-        fwd = [[new("F", k, t, m, costs.of("F", k)) for k in range(K)] for m in range(M)]
+        fwd = [[new(OpKind.FORWARD, k, t, m) for k in range(K)] for m in range(M)]
         step_ops: list[list[Op]] = [[] for _ in range(K)]  # what U(t, k) waits for
         backward: list[list[Op]] = [[] for _ in range(K)]  # for the GPipe barrier
         mb_backward: list[list[Op]] = [[] for _ in range(K)]
@@ -192,7 +231,7 @@ def build_graph(
                 # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
                 own = fwd[m][k]  # the last stage's loss is part of its forward
                 if k < K - 1:
-                    a = new("A", k, t, m, costs.of("A", k))
+                    a = new(OpKind.AUX, k, t, m)
                     a.deps.append((fwd[m][k], 0.0))
                     step_ops[k].append(a)
                     own = a
@@ -208,21 +247,21 @@ def build_graph(
                 for j in sp.sends:
                     if j == shared and fused_backward:
                         continue
-                    v = new("V", k, t, m, costs.of("V", k), loss=j)
+                    v = new(OpKind.INPUT_VJP, k, t, m, loss=j)
                     v.deps += inputs([j])
                     sent[k][j] = v
                     backward[k].append(v)
                     mb_backward[k].append(v)
                 train_js = [j for j, _ in sp.train_on]
                 if shared is not None and fused_backward:
-                    w = new("B", k, t, m, costs.of("B", k), loss=shared)
+                    w = new(OpKind.BACKWARD, k, t, m, loss=shared)
                     w.deps += inputs(train_js)
                     sent[k][shared] = w
                 elif shared is not None:
-                    w = new("W", k, t, m, costs.of("Ws", k))
+                    w = new(OpKind.PARAM_VJP, k, t, m, shared=True)
                     w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
                 else:
-                    w = new("W", k, t, m, costs.of("W", k))
+                    w = new(OpKind.PARAM_VJP, k, t, m)
                     w.deps += inputs(train_js)
                 step_ops[k].append(w)
                 backward[k].append(w)
@@ -236,7 +275,7 @@ def build_graph(
             if gpipe:  # GPipe flush: every forward of the step before any backward op
                 for b in backward[k]:
                     b.deps.append((fwd[M - 1][k], 0.0))
-            u = new("U", k, t, -1, costs.of("U", k))
+            u = new(OpKind.UPDATE, k, t, -1)
             u.deps += [(op, 0.0) for op in step_ops[k]]
             updates[k] = u
     return ops
@@ -244,8 +283,22 @@ def build_graph(
 
 _RANK = {
     # kind → rank within a step; lower runs first among ready ops.
-    "sends_first": {"U": 0, "A": 1, "V": 1, "F": 2, "B": 3, "W": 3},
-    "gpipe": {"U": 0, "F": 1, "A": 2, "V": 2, "B": 3, "W": 3},
+    "sends_first": {
+        OpKind.UPDATE: 0,
+        OpKind.AUX: 1,
+        OpKind.INPUT_VJP: 1,
+        OpKind.FORWARD: 2,
+        OpKind.BACKWARD: 3,
+        OpKind.PARAM_VJP: 3,
+    },
+    "gpipe": {
+        OpKind.UPDATE: 0,
+        OpKind.FORWARD: 1,
+        OpKind.AUX: 2,
+        OpKind.INPUT_VJP: 2,
+        OpKind.BACKWARD: 3,
+        OpKind.PARAM_VJP: 3,
+    },
 }
 
 

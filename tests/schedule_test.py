@@ -5,7 +5,15 @@ import random
 
 import pytest
 
-from ilbp.schedule import CostModel, Op, render_table, simulate, stage_work, throughput_table
+from ilbp.schedule import (
+    CostModel,
+    Op,
+    OpKind,
+    render_table,
+    simulate,
+    stage_work,
+    throughput_table,
+)
 from ilbp.strategy import Strategy
 
 EPS = 1e-9
@@ -74,7 +82,8 @@ def test_global_critical_path_is_the_whole_chain():
     for K in (2, 5, 8):
         path = simulate("global", K).critical_path()
         assert span(path) == 2 * K + 1
-        assert [o.kind for o in path if o.cost > 0] == ["F"] * K + ["V"] * (K - 1) + ["W"]
+        F, V, W = OpKind.FORWARD, OpKind.INPUT_VJP, OpKind.PARAM_VJP
+        assert [o.kind for o in path if o.cost > 0] == [F] * K + [V] * (K - 1) + [W]
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 8])
@@ -199,8 +208,8 @@ def test_schedule_is_valid(seed):
     s = simulate(**cfg)
     K, M, T = cfg["num_stages"], cfg["microbatches"], cfg["steps"]
     ops = s.timeline
-    assert sum(o.kind == "U" for o in ops) == K * T
-    assert sum(o.kind == "F" for o in ops) == K * M * T
+    assert sum(o.kind == OpKind.UPDATE for o in ops) == K * T
+    assert sum(o.kind == OpKind.FORWARD for o in ops) == K * M * T
     for o in ops:
         assert o.end == pytest.approx(o.start + o.cost)
         assert o.start >= _ready(o) - EPS, o  # never before its inputs (+ transfer)
@@ -221,9 +230,11 @@ def test_schedule_is_valid(seed):
 
 def test_from_measured_costs():
     c = CostModel.from_measured([1.0, 2.0], [1.0, 2.5], [3.0, 4.0], fused_vjp=[2.0, 4.0])
-    assert c.of("Ws", 0) == 1.0 and c.of("Ws", 1) == 1.5 and c.of("B", 1) == 4.0
+    W, B = OpKind.PARAM_VJP, OpKind.BACKWARD
+    assert c.of(W, 0, shared=True) == 1.0 and c.of(W, 1, shared=True) == 1.5
+    assert c.of(B, 1) == 4.0
     c = CostModel.from_measured([1.0], [1.0], [2.5])
-    assert c.of("Ws", 0) == 1.5
+    assert c.of(W, 0, shared=True) == 1.5
     with pytest.raises(ValueError):
         CostModel.from_measured([1.0, 2.0], [1.0], [2.0, 2.0])
 

@@ -32,13 +32,13 @@ from ilbp.engine import Metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
 from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
-from ilbp.schedule import MaxInFlight, simulate
+from ilbp.schedule import MaxInFlight, OpKind, simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
 
 # trace(kind, k, m, loss, index in the issue order, the op's outputs on stage k)
-TraceFn = Callable[[str, int, int, int | None, int, Any], None]
+TraceFn = Callable[[OpKind, int, int, int | None, int, Any], None]
 
 
 @flax.struct.dataclass
@@ -234,7 +234,7 @@ class MPMDExecutor:
                 del vjps[(m, k)], cots[(m, k)]
 
         for index, (kind, k, m, j) in enumerate(self.order):
-            if kind == "F":
+            if kind == OpKind.FORWARD:
                 x = microbatch(m, 0)[model.input_key] if k == 0 else inputs.pop((m, k))
                 args = (params[k]["stage"], stage_state[k]["stage"], x)
                 if k < K - 1:
@@ -247,7 +247,7 @@ class MPMDExecutor:
                     vjps[(m, k)], stage_state[k]["stage"], dh, mets = out
                     cots.setdefault((m, k), {})[k] = dh
                     stage_metrics[k].append(mets)
-            elif kind == "A":
+            elif kind == OpKind.AUX:
                 g = grad_sum[k]
                 out = self.head[k](
                     params[k]["head"],
@@ -262,18 +262,18 @@ class MPMDExecutor:
                 g["head"], stage_state[k]["head"], dh, mets = out
                 cots.setdefault((m, k), {})[k] = dh
                 stage_metrics[k].append(mets)
-            elif kind == "V":
+            elif kind == OpKind.INPUT_VJP:
                 out = ops.input_vjp_op(vjps[(m, k)], cots[(m, k)][j])
                 send_back(m, k, {j: out})
                 release(m, k)
-            elif kind in ("W", "B"):
+            elif kind in (OpKind.PARAM_VJP, OpKind.BACKWARD):
                 needed = {jj for jj, _ in self.plan[k].train_on}
                 cot = {jj: c for jj, c in cots[(m, k)].items() if jj in needed}
                 out = self.backward[k](vjps[(m, k)], cot, grad_sum[k]["stage"])
                 grad_sum[k]["stage"], sent = out
                 send_back(m, k, sent)
                 release(m, k)
-            elif kind == "U":
+            elif kind == OpKind.UPDATE:
                 grads = grad_sum[k] if k < K - 1 else {"stage": grad_sum[k]["stage"]}
                 out = self.update[k](params[k], opt_state[k], grads, step[k], stage_metrics[k])
                 params[k], opt_state[k], step[k], mets = out
