@@ -10,6 +10,9 @@ k = 0..K-1 and j(k) = min(k + n - 1, K - 1):
 θ_{K-1} ← ∂L_{K-1}/∂θ_{K-1} and φ_k ← ∂L_k/∂φ_k under every rule. L_k for k < K - 1 is
 the auxiliary loss times its weight (default 1).
 
+`Strategy.e2e()` is end-to-end training of the plain network: global backprop with
+`aux_heads=False`, so no aux head runs forward or backward and no head is updated.
+
 `Strategy.plan(K)` turns this into a `Plan`: per stage, the (loss, coefficient) terms
 of its parameter cotangent and the losses whose cotangent it must send to the previous
 stage. Engines, executors and the schedule model all read the plan; nothing else
@@ -59,9 +62,16 @@ class StagePlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A strategy applied to K stages; `plan[k]` is stage k's StagePlan."""
+    """A strategy applied to K stages; `plan[k]` is stage k's StagePlan.
+
+    Attributes:
+      stages: stage k's StagePlan.
+      aux_heads: whether the aux heads run at all. False (e2e): no head forward, backward,
+        loss or update; only L_{K-1} exists. Readers skip head work on this flag alone.
+    """
 
     stages: tuple[StagePlan, ...]
+    aux_heads: bool = True
 
     def __getitem__(self, k: int) -> StagePlan:
         return self.stages[k]
@@ -88,11 +98,14 @@ class Strategy:
         1 = local, 2 = pairwise, ≥ K = global.
       combine: "last" (default), "sum" or "mean".
       aux_weights: weight of each auxiliary loss L_k, k < K - 1 (None: all 1).
+      aux_heads: False trains the plain network end to end: no aux head runs. Only valid
+        with a global window, the "last" rule and no aux_weights (see `check`).
     """
 
     window: int
     combine: Combine = "last"
     aux_weights: tuple[float, ...] | None = None
+    aux_heads: bool = True
 
     def __post_init__(self):
         if not isinstance(self.window, int) or self.window < 1:
@@ -104,6 +117,8 @@ class Strategy:
             raise ValueError(
                 f"Unknown combine rule {self.combine!r}; choose one of {COMBINE_RULES}."
             )
+        if not isinstance(self.aux_heads, bool):
+            raise ValueError(f"Strategy aux_heads must be True or False; got {self.aux_heads!r}.")
         if self.aux_weights is not None:
             object.__setattr__(self, "aux_weights", tuple(float(w) for w in self.aux_weights))
 
@@ -112,6 +127,11 @@ class Strategy:
     def global_(cls, **kwargs) -> Strategy:
         """Global backprop: every θ_k trains on the final loss (n = ∞)."""
         return cls(window=GLOBAL_WINDOW, **kwargs)
+
+    @classmethod
+    def e2e(cls) -> Strategy:
+        """End-to-end training of the plain network: global backprop, no aux heads."""
+        return cls(window=GLOBAL_WINDOW, aux_heads=False)
 
     @classmethod
     def local(cls, **kwargs) -> Strategy:
@@ -130,13 +150,20 @@ class Strategy:
 
     @classmethod
     def parse(cls, spec: str) -> Strategy:
-        """Parses "global", "local", "pairwise", "nwise=3", optionally ":sum"/":mean".
+        """Parses "e2e", "global", "local", "pairwise", "nwise=3", optionally ":sum"/":mean".
 
-        e.g. "pairwise:sum", "3wise", "nwise=3:mean".
+        e.g. "pairwise:sum", "3wise", "nwise=3:mean". "e2e" takes no combine rule.
         """
         name, _, combine = spec.partition(":")
         combine = combine or "last"
         name = name.strip().lower()
+        if name == "e2e":
+            if combine != "last":
+                raise ValueError(
+                    f"Strategy {spec!r}: e2e trains only on the final loss, so it takes no "
+                    "combine rule; write plain 'e2e'."
+                )
+            return cls.e2e()
         named = {"global": GLOBAL_WINDOW, "local": 1, "pairwise": 2}
         if name in named:
             return cls(window=named[name], combine=combine)
@@ -144,13 +171,15 @@ class Strategy:
         if digits.isdigit():
             return cls(window=int(digits), combine=combine)
         raise ValueError(
-            f"Unknown strategy {spec!r}; use global, local, pairwise, nwise=N or Nwise, "
+            f"Unknown strategy {spec!r}; use e2e, global, local, pairwise, nwise=N or Nwise, "
             "optionally followed by :last, :sum or :mean."
         )
 
     # Semantics ----------------------------------------------------------------------
     @property
     def name(self) -> str:
+        if not self.aux_heads:
+            return "e2e"
         base = {1: "local", 2: "pairwise", GLOBAL_WINDOW: "global"}.get(
             self.window, f"{self.window}wise"
         )
@@ -167,6 +196,26 @@ class Strategy:
             raise ValueError(
                 f"aux_weights has {len(self.aux_weights)} entries; a model with "
                 f"K={num_stages} stages has {num_stages - 1} auxiliary heads."
+            )
+        if not self.aux_heads:
+            self._check_headless(num_stages)
+
+    def _check_headless(self, num_stages: int) -> None:
+        """Without aux heads only L_{K-1} exists: every stage must train on it alone."""
+        if self.window < num_stages:
+            raise ValueError(
+                f"aux_heads=False trains every stage on the final loss, which needs a global "
+                f"window (n ≥ K={num_stages}); got n={self.window}. Use Strategy.e2e()."
+            )
+        if self.combine != "last":
+            raise ValueError(
+                f"aux_heads=False leaves only the final loss to combine; use combine='last', "
+                f"not {self.combine!r} (Strategy.e2e())."
+            )
+        if self.aux_weights is not None:
+            raise ValueError(
+                "aux_heads=False has no auxiliary losses to weight; drop aux_weights "
+                "(Strategy.e2e())."
             )
 
     def last_loss(self, k: int, num_stages: int) -> int:
@@ -191,7 +240,8 @@ class Strategy:
         needed = [set() for _ in range(K)]
         for k in range(1, K):
             needed[k] = {j for kk in range(k) for j, _ in train_on[kk] if j >= k}
-        return Plan(tuple(StagePlan(train_on[k], tuple(sorted(needed[k]))) for k in range(K)))
+        stages = tuple(StagePlan(train_on[k], tuple(sorted(needed[k]))) for k in range(K))
+        return Plan(stages, aux_heads=self.aux_heads)
 
 
 # Large enough to be ≥ any K; plans clip windows to the model's depth.
