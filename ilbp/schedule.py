@@ -11,7 +11,9 @@ global backprop for several K and M.
 With equal stages, free aux heads and free transfers it reproduces DESIGN.md §3 exactly:
 split-backward global (2K + 1)F per step, fused 3K·F; local 3F; pairwise 5F whatever K;
 n-wise (2n + 1)F (its critical path grows with n, not K); GPipe-style global (fused
-backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1).
+backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1). A strategy without aux heads
+(`Strategy.e2e()`, `plan.aux_heads` False) has no A ops; `simulate_e2e` runs it under
+the pipeline schedules a user would compare against (1F1B, zero-bubble split backward).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ilbp.schedule_graph import (
 from ilbp.strategy import Strategy
 
 __all__ = [
+    "PIPELINE_SCHEDULES",
     "CostModel",
     "MaxInFlight",
     "Op",
@@ -42,6 +45,7 @@ __all__ = [
     "Schedule",
     "render_table",
     "simulate",
+    "simulate_e2e",
     "stage_work",
     "steady_state",
     "throughput_table",
@@ -190,6 +194,35 @@ def steady_state(ops: Iterable[TimedOp], num_stages: int) -> tuple[float, tuple[
             work[o.stage] += o.cost
     steady = max(T - 1 - first, 1)
     return period, tuple(w / steady / period if period > 0 else 0.0 for w in work)
+
+
+# The end-to-end pipeline schedules a user would pick instead of interlocking: e2e (no
+# aux heads), M microbatches, stage k holding at most K - k of them (the window cap of a
+# global strategy), an update per step.
+PIPELINE_SCHEDULES: dict[str, dict[str, Any]] = {
+    # One backward op per microbatch: period 3(M + K - 1)F with equal stages.
+    "1f1b": dict(fused_backward=True),
+    # The backward split into input VJP and parameter VJP (zero-bubble style, ZB-H1's
+    # memory): V goes back first, W fills the bubbles; period 3M + 2(K - 1)F.
+    "zb": dict(fused_backward=False),
+}
+
+
+def simulate_e2e(
+    num_stages: int,
+    microbatches: int,
+    schedule: str = "1f1b",
+    costs: CostModel | None = None,
+    steps: int = 6,
+) -> Schedule:
+    """The plain network (Strategy.e2e()) on a pipeline under `schedule`, one of
+    PIPELINE_SCHEDULES: the baseline a user would run instead of interlocking."""
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(
+            f"Unknown pipeline schedule {schedule!r}; choose one of {tuple(PIPELINE_SCHEDULES)}."
+        )
+    options = PIPELINE_SCHEDULES[schedule]
+    return simulate(Strategy.e2e(), num_stages, microbatches, steps, costs, **options)
 
 
 def stage_work(

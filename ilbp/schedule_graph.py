@@ -11,7 +11,8 @@ Ops per (step t, microbatch m, stage k), all on device k:
   F     forward of stage k. Needs F(t, m, k-1) and U(t-1, k): the forward for step t uses
         θ_k after its update for step t-1, so pipelining adds no staleness.
   A     aux head forward + backward (k < K-1); yields ∂L_k/∂h_k. Needs F. The final
-        head's loss is folded into the last stage's F.
+        head's loss is folded into the last stage's F. None when `plan.aux_heads` is
+        False (e2e: only the final loss exists).
   V_j   input VJP for loss j ∈ plan[k].sends: ∂L_j/∂h_{k-1}, sent to stage k-1. Needs
         the cotangent ∂L_j/∂h_k (A if j == k, F if j == K-1 == k, else V_j at stage k+1).
   W     parameter VJP: needs every cotangent in plan[k].train_on. When
@@ -229,13 +230,14 @@ def build_graph(
             for k in reversed(range(K)):
                 sp = plan[k]
                 # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
-                own = fwd[m][k]  # the last stage's loss is part of its forward
-                if k < K - 1:
+                cot = {}
+                if k == K - 1:  # the last stage's loss is part of its forward
+                    cot[k] = (fwd[m][k], 0.0)
+                elif plan.aux_heads:
                     a = new(OpKind.AUX, k, t, m)
                     a.deps.append((fwd[m][k], 0.0))
                     step_ops[k].append(a)
-                    own = a
-                cot = {k: (own, 0.0)}
+                    cot[k] = (a, 0.0)
                 if k < K - 1:
                     cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
                 full_list = list(cot.values())

@@ -11,6 +11,7 @@ from ilbp.schedule import (
     OpKind,
     render_table,
     simulate,
+    simulate_e2e,
     stage_work,
     throughput_table,
 )
@@ -111,6 +112,33 @@ def test_reference_order_waits_for_the_whole_chain(K):
 def test_period_is_steady():
     for spec, K, M in [("pairwise", 6, 4), ("3wise", 8, 3), ("global", 4, 5), ("local", 3, 2)]:
         assert simulate(spec, K, M, steps=6).period == simulate(spec, K, M, steps=10).period
+
+
+# End to end (no aux heads) and its pipeline baselines ---------------------------------
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_e2e_has_no_aux_ops_and_ignores_head_costs(K):
+    costly_heads = CostModel(aux=0.7)
+    s = simulate("e2e", K, 2, costs=costly_heads)
+    assert not [o for o in s.timeline if o.kind == OpKind.AUX]
+    assert s.period == simulate("global", K, 2).period  # global with free heads
+    assert stage_work("e2e", K, costly_heads) == (3.0,) * K
+    assert stage_work("global", K, costly_heads) == (3.7,) * (K - 1) + (3.0,)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+def test_e2e_pipeline_schedules(K, M):
+    one_f_one_b = simulate_e2e(K, M, "1f1b")
+    zero_bubble = simulate_e2e(K, M, "zb")
+    # 1F1B's classic period; the split backward sends V back first and lets stage 0's
+    # parameter VJPs (2F each: it has no input VJP to share) trail the chain.
+    assert one_f_one_b.period == 3 * (M + K - 1)
+    assert zero_bubble.period == 3 * M + 2 * (K - 1)
+    # Both hold 1F1B's K - k microbatches on stage k.
+    expected = tuple(min(M, K - k) for k in range(K))
+    assert one_f_one_b.in_flight == zero_bubble.in_flight == expected
+    with pytest.raises(ValueError, match="pipeline schedule"):
+        simulate_e2e(K, M, "interleaved")
 
 
 # Memory --------------------------------------------------------------------------------
