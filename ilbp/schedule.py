@@ -271,8 +271,11 @@ def _check_costs(costs: CostModel, K: int) -> None:
     for f in dataclasses.fields(costs):
         value = getattr(costs, f.name)
         values = [value] if isinstance(value, int | float) else list(value)
-        if not isinstance(value, int | float) and len(values) < K:
-            raise ValueError(f"CostModel.{f.name} has {len(values)} entries; K={K} stages.")
+        needed = K - 1 if f.name == "transfer" else K  # transfers: one per boundary
+        if not isinstance(value, int | float) and len(values) < needed:
+            raise ValueError(
+                f"CostModel.{f.name} has {len(values)} entries; K={K} stages need {needed}."
+            )
         if any(v < 0 for v in values):
             raise ValueError(f"CostModel.{f.name} must be ≥ 0; got {value!r}.")
 

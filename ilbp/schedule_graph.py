@@ -104,7 +104,8 @@ class CostModel:
     Defaults are DESIGN.md §3's units: forward F = 1, input VJP V = F, parameter VJP
     W = 2F alone and F when it reuses V's intermediates, free aux heads, updates and
     transfers. `transfer` is a latency on every cross-device edge (activations right,
-    cotangents left); it occupies no device (asynchronous send).
+    cotangents left): one number, or one per boundary (entry k: between stages k and
+    k + 1; K - 1 entries). It occupies no device (asynchronous send).
     """
 
     forward: PerStage = 1.0
@@ -113,7 +114,7 @@ class CostModel:
     param_vjp: PerStage = 2.0
     param_vjp_shared: PerStage = 1.0
     update: PerStage = 0.0
-    transfer: float = 0.0
+    transfer: PerStage = 0.0
 
     @classmethod
     def from_measured(
@@ -125,7 +126,7 @@ class CostModel:
         fused_vjp: Sequence[float] | None = None,
         aux: PerStage = 0.0,
         update: PerStage = 0.0,
-        transfer: float = 0.0,
+        transfer: PerStage = 0.0,
     ) -> CostModel:
         """Costs from measured per-stage op times (e.g. seconds of jitted calls).
 
@@ -152,6 +153,10 @@ class CostModel:
             update=update,
             transfer=transfer,
         )
+
+    def transfer_after(self, k: int) -> float:
+        """Latency of the boundary between stages k and k + 1 (either direction)."""
+        return _per_stage(self.transfer, k)
 
     def of(self, kind: OpKind, k: int, *, shared: bool = False) -> float:
         """Cost of op `kind` on stage k; `shared`: a parameter VJP that reuses the
@@ -205,7 +210,7 @@ def build_graph(
     max_in_flight: Sequence[int] | None = None,
 ) -> list[Op]:
     """The op DAG of `steps` steps of M microbatches under `plan` (module docstring)."""
-    K, M, tr = len(plan), microbatches, costs.transfer
+    K, M = len(plan), microbatches
     ops: list[Op] = []
 
     def new(kind: OpKind, k: int, t: int, m: int, loss=None, *, shared=False) -> Op:
@@ -223,7 +228,7 @@ def build_graph(
             for k in range(K):
                 f = fwd[m][k]
                 if k > 0:
-                    f.deps.append((fwd[m][k - 1], tr))
+                    f.deps.append((fwd[m][k - 1], costs.transfer_after(k - 1)))
                 if updates[k] is not None:
                     f.deps.append((updates[k], 0.0))
             sent: list[dict[int, Op]] = [{} for _ in range(K)]  # V_j ops of stage k
@@ -239,6 +244,7 @@ def build_graph(
                     step_ops[k].append(a)
                     cot[k] = (a, 0.0)
                 if k < K - 1:
+                    tr = costs.transfer_after(k)
                     cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
                 full_list = list(cot.values())
 

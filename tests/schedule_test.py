@@ -256,6 +256,15 @@ def test_schedule_is_valid(seed):
         assert max(s.in_flight) <= cfg["max_in_flight"]
 
 
+def test_per_boundary_transfers():
+    # Global waits for every boundary twice (activation right, cotangent left).
+    costs = CostModel(transfer=(0.5, 0.25))
+    assert simulate("global", 3, costs=costs).period == 7 + 2 * (0.5 + 0.25)
+    assert simulate("local", 3, costs=costs).period == 3
+    with pytest.raises(ValueError, match="transfer"):
+        simulate("global", 4, costs=costs)
+
+
 def test_from_measured_costs():
     c = CostModel.from_measured([1.0, 2.0], [1.0, 2.5], [3.0, 4.0], fused_vjp=[2.0, 4.0])
     W, B = OpKind.PARAM_VJP, OpKind.BACKWARD
