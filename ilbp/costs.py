@@ -4,8 +4,11 @@
 them (`ilbp.pipeline.mpmd_ops`: forward F, aux head A, input VJP V, parameter VJP W,
 both VJPs as one op B, update U) for `batch` as one microbatch, and returns their costs
 with the bytes each stage boundary sends and each stage holds per example:
-- method="cost_analysis" (default, deterministic): XLA's compiled FLOPs and bytes
-  accessed of each op, from abstract shapes (nothing runs);
+- method="cost_analysis" (default): XLA's FLOPs and bytes accessed of each op as
+  lowered, from abstract shapes: nothing runs or compiles, so it is fast and the same on
+  every backend; bytes are those of the unfused program (an upper bound);
+- method="compiled": the same analysis of each op compiled for the default backend
+  (fused; FLOPs within a few percent of the lowered count, bytes lower; slower);
 - method="measured": the median wall time of each op on the default device.
 
 `StageCosts.cost_model(M, hardware)` turns them into the schedule model's `CostModel`
@@ -15,7 +18,8 @@ less efficiently), updates do not, and a boundary's transfer takes its bytes ove
 hardware's link bandwidth. `predict_throughput` then places a strategy against the
 baselines a user would pick: e2e with split backward at M = 1 and the best e2e
 pipeline (`ilbp.schedule.PIPELINE_SCHEDULES`, any M ≤ 16 dividing the batch) whose peak
-per-device activation memory does not exceed the strategy's.
+per-device activation memory does not exceed the strategy's. `time_to_quality` turns
+an eval curve and a predicted step time into the wall-clock to reach a target.
 
 Activation memory of a schedule: per device, the microbatches it holds in flight
 (`Schedule.in_flight`) times the bytes of one microbatch's forward residuals on that
@@ -53,10 +57,11 @@ __all__ = [
     "pipeline_baselines",
     "predict_throughput",
     "stage_costs",
+    "time_to_quality",
 ]
 
-Method = Literal["cost_analysis", "measured"]
-METHODS: tuple[str, ...] = ("cost_analysis", "measured")
+Method = Literal["cost_analysis", "compiled", "measured"]
+METHODS: tuple[str, ...] = ("cost_analysis", "compiled", "measured")
 
 # Dense peak FLOP/s per chip, bf16, by a substring of jax's `device_kind`.
 PEAK_FLOPS: dict[str, float] = {
@@ -105,7 +110,7 @@ class StageCosts:
     Attributes:
       ops: per OpKind (F, A, V, W, B, U), K costs in `unit`; 0 where a stage has no
         such op (A on the last stage; V and B on stage 0, which sends nothing).
-      unit: "flop" (cost analysis) or "s" (measured).
+      unit: "flop" (cost analysis, lowered or compiled) or "s" (measured).
       bytes_accessed: per OpKind, K values of XLA's bytes accessed (cost analysis
         only; else empty).
       residual_bytes: per stage, the bytes of forward residuals one example leaves on
@@ -198,8 +203,9 @@ def stage_costs(
         (_nbytes(b) - _nbytes(a)) / size for a, b in zip(residuals, residuals_2x)
     )
     boundary_bytes = tuple(_nbytes(h) / size for h in outputs[:-1])
-    if method == "cost_analysis":
-        analysed = [{kind: _analyse(*call) for kind, call in row.items()} for row in calls]
+    if method != "measured":
+        compiled = method == "compiled"
+        analysed = [{kind: _analyse(*c, compiled) for kind, c in row.items()} for row in calls]
         ops = _per_kind(analysed, lambda a: a[0])
         return StageCosts(
             ops, "flop", _per_kind(analysed, lambda a: a[1]), residual_bytes, boundary_bytes, size
@@ -266,9 +272,10 @@ def _per_kind(rows: list[dict[OpKind, Any]], value: Callable) -> dict[OpKind, tu
     }
 
 
-def _analyse(op: Callable, args: tuple) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) of the compiled op, as XLA reports them."""
-    analysis = op.lower(*args).compile().cost_analysis()
+def _analyse(op: Callable, args: tuple, compiled: bool) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of the lowered or compiled op, as XLA reports them."""
+    lowered = op.lower(*args)
+    analysis = (lowered.compile() if compiled else lowered).cost_analysis()
     if isinstance(analysis, list | tuple):  # older jax: one dict per computation
         analysis = analysis[0]
     return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
@@ -352,6 +359,7 @@ def predict_throughput(
     costs: StageCosts,
     microbatches: int = 1,
     *,
+    e2e_costs: StageCosts | None = None,
     baselines: Sequence[Baseline] | None = None,
     hardware: Hardware = DEFAULT_HARDWARE,
     steps: int = 6,
@@ -359,16 +367,18 @@ def predict_throughput(
     """`strategy` at M microbatches (split backward, its window's in-flight cap)
     against e2e split backward at M = 1 and the best e2e pipeline within its memory.
 
-    `baselines` (default: pipeline_baselines(costs, hardware)) may be passed to share
-    them between strategies; they must come from the same costs and hardware.
+    `e2e_costs`: the plain network's costs, if its stages are cut differently (default:
+    `costs`). `baselines` (default: pipeline_baselines(e2e_costs, hardware)) may be
+    passed to share them between strategies; they must come from the same costs and
+    hardware.
     """
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
-    K = costs.num_stages
+    K, e2e_costs = costs.num_stages, costs if e2e_costs is None else e2e_costs
     s = simulate(strategy, K, microbatches, steps, costs.cost_model(microbatches, hardware))
     memory = activation_memory(s, costs)
-    e2e = simulate(Strategy.e2e(), K, 1, steps, costs.cost_model(1, hardware))
+    e2e = simulate(Strategy.e2e(), K, 1, steps, e2e_costs.cost_model(1, hardware))
     if baselines is None:
-        baselines = pipeline_baselines(costs, hardware, steps=steps)
+        baselines = pipeline_baselines(e2e_costs, hardware, steps=steps)
     fitting = [b for b in baselines if b.memory <= memory * (1 + 1e-9)]
     best = min(fitting, key=lambda b: (b.step_time, b.memory)) if fitting else None
     return Throughput(
@@ -380,3 +390,23 @@ def predict_throughput(
         pipeline=best,
         vs_pipeline=None if best is None else best.step_time / s.period,
     )
+
+
+# Time to quality -----------------------------------------------------------------------------
+def time_to_quality(
+    curve: Sequence[tuple[int, float]],
+    step_time: float,
+    target: float,
+    *,
+    higher_is_better: bool,
+) -> float | None:
+    """Predicted wall-clock to reach `target`: the first step of the eval `curve`
+    ((step, value) pairs) whose value reaches it, times the predicted `step_time`.
+
+    None if the curve never reaches the target. The time is as fine as the evals are
+    frequent: the target may have been reached between the previous eval and this one.
+    """
+    for step, value in sorted(curve):
+        if (value >= target) if higher_is_better else (value <= target):
+            return step * step_time
+    return None

@@ -15,6 +15,7 @@ from ilbp.costs import (
     pipeline_baselines,
     predict_throughput,
     stage_costs,
+    time_to_quality,
 )
 from ilbp.schedule import OpKind, simulate
 from tests import toy_models as tm
@@ -59,6 +60,12 @@ def test_cost_analysis_counts_each_stage_op(costs):
     assert costs.boundary_bytes == (4.0 * WIDTH,) * (K - 1)
     # Stage 0 keeps at least its input (the dense layer's ∂W needs it), per example.
     assert costs.residual_bytes[0] >= 4.0 * IN
+
+
+def test_compiled_cost_analysis_agrees_on_flops(costs):
+    compiled = stage_costs(MODEL, OPT, BATCH, method="compiled")
+    for kind, values in compiled.ops.items():
+        assert values == pytest.approx(costs.ops[kind], rel=0.2), kind
 
 
 def test_measured_costs_time_the_same_ops(costs):
@@ -128,3 +135,11 @@ def test_bad_input():
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("TPU v4") == 275e12
     assert peak_flops("cpu") is None
+
+
+def test_time_to_quality():
+    curve = [(6, 0.9), (2, 0.5), (4, 0.8)]
+    assert time_to_quality(curve, 0.5, 0.8, higher_is_better=True) == 2.0
+    assert time_to_quality(curve, 0.5, 0.95, higher_is_better=True) is None
+    losses = [(2, 3.0), (4, 2.5), (6, 2.4)]
+    assert time_to_quality(losses, 2.0, 2.5, higher_is_better=False) == 8.0

@@ -26,11 +26,17 @@ def test_compare_writes_results(idx_dir, tmp_path):
     table, rows = report.compare(_config(idx_dir), str(tmp_path))
     assert [r["strategy"] for r in rows] == ["global", "pairwise"]
     assert all(r["seeds"] == 2 and r["test_accuracy_std"] >= 0 for r in rows)
-    assert rows[0]["predicted_throughput_vs_global_K3"] == pytest.approx(1.0)
-    assert rows[1]["predicted_throughput_vs_global_K3"] > 1.0  # pipelined pairwise
+    # Cost-fed predictions: global does all that e2e does and more; pipelined pairwise
+    # beats global.
+    assert rows[0]["pred_vs_e2e_split_M1"] <= 1.0
+    assert rows[1]["pred_step_time_s"] < rows[0]["pred_step_time_s"]
+    for r in rows:  # the best e2e pipeline fits in the strategy's activation memory
+        assert r["pred_pipeline_activation_MiB"] <= r["pred_activation_MiB"] * (1 + 1e-9)
+        assert r["target_reached"].endswith("/2")
     assert "| global |" in table and "Ranking by mean test accuracy" in table
     files = set(os.listdir(tmp_path))
     assert {"results.md", "results.csv", "runs.csv", "test_accuracy.png"} <= files
+    assert "quality_vs_time.png" in files
     assert sorted(os.listdir(tmp_path / "pairwise")) == ["seed0", "seed1"]
     with open(tmp_path / "results.md") as f:
         text = f.read()
@@ -45,6 +51,22 @@ def test_compare_writes_results(idx_dir, tmp_path):
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match="K=3 stages"):
         report.compare(_config(idx_dir, "k=2"), str(tmp_path))
     assert fx.tree_digest(str(tmp_path)) == before
+
+
+def test_quality_target():
+    def run(strategy, metric, **test):
+        return {"strategy": strategy, "metric": metric, "test": test}
+
+    # e2e is the reference when compared, then global; LMs are judged by loss.
+    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
+    images.append(run("e2e", "accuracy", accuracy=0.8))
+    target = report.quality_target(images)
+    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
+    assert target.value == pytest.approx(0.98 * 0.85)
+    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
+    target = report.quality_target(text)
+    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
+    assert target.value == pytest.approx(2.0 / 0.98)
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):
