@@ -226,11 +226,11 @@ def prediction_columns(t: costs.Throughput, times: list[float | None]) -> dict[s
     }
 
 
-def _seconds(x: float) -> str:
+def format_seconds(x: float) -> str:
     """A duration with a readable unit."""
     if x != x:  # NaN
         return "nan"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+    for unit, scale in (("h", 3600.0), ("min", 60.0), ("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if x >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x / 1e-9:.3g} ns"
@@ -239,8 +239,10 @@ def _seconds(x: float) -> str:
 def _time_to_target(r: dict) -> str:
     if r["target_reached"].startswith("0/"):
         return f"not reached ({r['target_reached']})"
-    spread = f" ± {_seconds(r['time_to_target_s_std'])}" if r["time_to_target_s_std"] >= 0 else ""
-    return f"{_seconds(r['time_to_target_s_mean'])}{spread} ({r['target_reached']})"
+    spread = (
+        f" ± {format_seconds(r['time_to_target_s_std'])}" if r["time_to_target_s_std"] >= 0 else ""
+    )
+    return f"{format_seconds(r['time_to_target_s_mean'])}{spread} ({r['target_reached']})"
 
 
 def _vs_pipeline(r: dict) -> str:
@@ -265,7 +267,8 @@ def render_predictions(rows: list[dict], K: int) -> str:
             else "none fits"
         )
         lines.append(
-            f"| {r['strategy']} | {r['pred_microbatches']} | {_seconds(r['pred_step_time_s'])} "
+            f"| {r['strategy']} | {r['pred_microbatches']} "
+            f"| {format_seconds(r['pred_step_time_s'])} "
             f"| {r['pred_activation_MiB']:.3g} MiB | {r['pred_vs_e2e_split_M1']:.2f} | {best} "
             f"| {r['pred_pipeline_activation_MiB']:.3g} MiB | {r['pred_vs_pipeline']:.2f} |"
         )
