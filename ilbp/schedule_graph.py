@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 from ilbp.strategy import Plan
@@ -221,72 +221,89 @@ def build_graph(
     updates: list[Op | None] = [None] * K
     for t in range(steps):
         fwd = [[new(OpKind.FORWARD, k, t, m) for k in range(K)] for m in range(M)]
-        step_ops: list[list[Op]] = [[] for _ in range(K)]  # what U(t, k) waits for
-        backward: list[list[Op]] = [[] for _ in range(K)]  # for the GPipe barrier
-        mb_backward: list[list[Op]] = [[] for _ in range(K)]
         for m in range(M):
             for k in range(K):
-                f = fwd[m][k]
                 if k > 0:
-                    f.deps.append((fwd[m][k - 1], costs.transfer_after(k - 1)))
+                    fwd[m][k].deps.append((fwd[m][k - 1], costs.transfer_after(k - 1)))
                 if updates[k] is not None:
-                    f.deps.append((updates[k], 0.0))
-            sent: list[dict[int, Op]] = [{} for _ in range(K)]  # V_j ops of stage k
-            for k in reversed(range(K)):
-                sp = plan[k]
-                # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
-                cot = {}
-                if k == K - 1:  # the last stage's loss is part of its forward
-                    cot[k] = (fwd[m][k], 0.0)
-                elif plan.aux_heads:
-                    a = new(OpKind.AUX, k, t, m)
-                    a.deps.append((fwd[m][k], 0.0))
-                    step_ops[k].append(a)
-                    cot[k] = (a, 0.0)
-                if k < K - 1:
-                    tr = costs.transfer_after(k)
-                    cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
-                full_list = list(cot.values())
-
-                def inputs(js, cot=cot, full_list=full_list):
-                    return list(full_list) if not eager_sends else [cot[j] for j in js]
-
-                shared = sp.shared_cotangent
-                for j in sp.sends:
-                    if j == shared and fused_backward:
-                        continue
-                    v = new(OpKind.INPUT_VJP, k, t, m, loss=j)
-                    v.deps += inputs([j])
-                    sent[k][j] = v
-                    backward[k].append(v)
-                    mb_backward[k].append(v)
-                train_js = [j for j, _ in sp.train_on]
-                if shared is not None and fused_backward:
-                    w = new(OpKind.BACKWARD, k, t, m, loss=shared)
-                    w.deps += inputs(train_js)
-                    sent[k][shared] = w
-                elif shared is not None:
-                    w = new(OpKind.PARAM_VJP, k, t, m, shared=True)
-                    w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
-                else:
-                    w = new(OpKind.PARAM_VJP, k, t, m)
-                    w.deps += inputs(train_js)
-                step_ops[k].append(w)
-                backward[k].append(w)
-                mb_backward[k].append(w)
+                    fwd[m][k].deps.append((updates[k], 0.0))
+        step = _StepOps(K)
+        for m in range(M):
+            _microbatch_backward(new, plan, costs, t, m, fwd[m], step, fused_backward, eager_sends)
         for k in range(K):
             if max_in_flight is not None:
                 cap = max_in_flight[k]
                 for m in range(cap, M):
-                    done_ops = [o for o in mb_backward[k] if o.microbatch == m - cap]
-                    fwd[m][k].deps += [(o, 0.0) for o in done_ops]
+                    done = [o for o in step.backward[k] if o.microbatch == m - cap]
+                    fwd[m][k].deps += [(o, 0.0) for o in done]
             if gpipe:  # GPipe flush: every forward of the step before any backward op
-                for b in backward[k]:
+                for b in step.backward[k]:
                     b.deps.append((fwd[M - 1][k], 0.0))
             u = new(OpKind.UPDATE, k, t, -1)
-            u.deps += [(op, 0.0) for op in step_ops[k]]
+            u.deps += [(op, 0.0) for op in step.update_inputs[k]]
             updates[k] = u
     return ops
+
+
+class _StepOps:
+    """Per stage, the ops of one step that later edges attach to."""
+
+    def __init__(self, num_stages: int):
+        self.update_inputs: list[list[Op]] = [[] for _ in range(num_stages)]  # A, W, B
+        self.backward: list[list[Op]] = [[] for _ in range(num_stages)]  # V, W, B
+
+
+def _microbatch_backward(
+    new: Callable[..., Op],
+    plan: Plan,
+    costs: CostModel,
+    t: int,
+    m: int,
+    fwd: Sequence[Op],
+    step: _StepOps,
+    fused_backward: bool,
+    eager_sends: bool,
+) -> None:
+    """The A, V and W (or B) ops of microbatch m of step t, last stage first."""
+    K = len(plan)
+    sent: list[dict[int, Op]] = [{} for _ in range(K)]  # the op that sends ∂L_j/∂h_{k-1}
+    for k in reversed(range(K)):
+        sp = plan[k]
+        # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
+        cot: dict[int, tuple[Op, float]] = {}
+        if k == K - 1:  # the last stage's loss is part of its forward
+            cot[k] = (fwd[k], 0.0)
+        elif plan.aux_heads:
+            a = new(OpKind.AUX, k, t, m)
+            a.deps.append((fwd[k], 0.0))
+            step.update_inputs[k].append(a)
+            cot[k] = (a, 0.0)
+        if k < K - 1:
+            tr = costs.transfer_after(k)
+            cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
+        # Eager sends wait for the cotangents they use; the reference order for all.
+        inputs = lambda js, cot=cot: [cot[j] for j in js] if eager_sends else list(cot.values())
+        shared = sp.shared_cotangent
+        for j in sp.sends:
+            if j == shared and fused_backward:
+                continue
+            v = new(OpKind.INPUT_VJP, k, t, m, loss=j)
+            v.deps += inputs([j])
+            sent[k][j] = v
+            step.backward[k].append(v)
+        train_js = [j for j, _ in sp.train_on]
+        if shared is not None and fused_backward:
+            w = new(OpKind.BACKWARD, k, t, m, loss=shared)
+            w.deps += inputs(train_js)
+            sent[k][shared] = w
+        elif shared is not None:
+            w = new(OpKind.PARAM_VJP, k, t, m, shared=True)
+            w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
+        else:
+            w = new(OpKind.PARAM_VJP, k, t, m)
+            w.deps += inputs(train_js)
+        step.update_inputs[k].append(w)
+        step.backward[k].append(w)
 
 
 _RANK = {
