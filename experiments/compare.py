@@ -13,6 +13,7 @@ runs/compare/<config name>) and prints the per-strategy table.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", "compare", config.name or "experiment")
     try:
-        table, _ = compare(config, workdir)
+        command = shlex.join(["python", "-m", "experiments.compare", *sys.argv[1:]])
+        table, _ = compare(config, workdir, command)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"\n{table}\n\nWrote {os.path.abspath(workdir)}/results.md, results.csv, runs.csv")

@@ -6,28 +6,21 @@ matplotlib is imported by the caller's figure; these functions only draw on axes
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from ilbp.schedule_graph import OpKind, TimedOp
 from ilbp.strategy import Strategy
 
 OP_COLORS = {
-    "F": "#4c72b0",  # forward
-    "A": "#8172b3",  # aux head
-    "V": "#dd8452",  # input-gradient pass
-    "W": "#55a868",  # parameter-gradient pass
-    "B": "#c44e52",  # fused backward (V and W on one cotangent)
-    "U": "#937860",  # optimizer update
+    OpKind.FORWARD: "#4c72b0",
+    OpKind.AUX: "#8172b3",
+    OpKind.INPUT_VJP: "#dd8452",
+    OpKind.PARAM_VJP: "#55a868",
+    OpKind.BACKWARD: "#c44e52",  # V and W on one cotangent
+    OpKind.UPDATE: "#937860",
 }
-
-
-class TimedOp(Protocol):
-    kind: str
-    stage: int
-    step: int
-    start: float
-    end: float
 
 
 def credit_matrix(ax: Any, strategy: Strategy, num_stages: int) -> None:

@@ -11,34 +11,43 @@ global backprop for several K and M.
 With equal stages, free aux heads and free transfers it reproduces docs/design.md §4 exactly:
 split-backward global (2K + 1)F per step, fused 3K·F; local 3F; pairwise 5F whatever K;
 n-wise (2n + 1)F (its critical path grows with n, not K); GPipe-style global (fused
-backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1).
+backward) 3(M + K - 1)F, a bubble of (K - 1)/(M + K - 1). A strategy without aux heads
+(`Strategy.e2e()`, `plan.aux_heads` False) has no A ops; `simulate_e2e` runs it under
+the pipeline schedules a user would compare against (1F1B, zero-bubble split backward).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from ilbp.schedule_graph import (
     PRIORITIES,
+    VJP_KINDS,
     CostModel,
     Op,
+    OpKind,
     Priority,
+    TimedOp,
     build_graph,
     list_schedule,
 )
 from ilbp.strategy import Strategy
 
 __all__ = [
+    "PIPELINE_SCHEDULES",
     "CostModel",
     "MaxInFlight",
     "Op",
+    "OpKind",
     "Prediction",
     "Schedule",
     "render_table",
     "simulate",
+    "simulate_e2e",
     "stage_work",
+    "steady_state",
     "throughput_table",
 ]
 
@@ -92,7 +101,11 @@ class Schedule:
         global, (2n + 1)F for n-wise whatever K is.
         """
         step = self.steps - 1 if step is None else step
-        op = next(o for o in self.timeline if o.kind == "U" and o.step == step and o.stage == stage)
+        op = next(
+            o
+            for o in self.timeline
+            if o.kind == OpKind.UPDATE and o.step == step and o.stage == stage
+        )
         path = [op]
         while op.binding is not None and op.binding.step >= step:
             op = op.binding
@@ -155,23 +168,61 @@ def simulate(
     list_schedule(ops, K, priority)
     ops.sort(key=lambda o: (o.start, o.stage, o.end))
 
+    period, busy = steady_state(ops, K)
+    return Schedule(strategy, K, M, T, ops, period, busy, _in_flight(ops, K))
+
+
+def steady_state(ops: Iterable[TimedOp], num_stages: int) -> tuple[float, tuple[float, ...]]:
+    """(period, busy) of a timeline of T steps, as `Schedule` defines them.
+
+    period: the mean gap between the completions of the later half of the steps (the
+    first step's end when T = 1); busy: per device, its op time per steady step over the
+    period. Used for simulated and measured (`ilbp.pipeline.trace`) timelines alike.
+    """
+    ops = list(ops)
+    T = 1 + max(o.step for o in ops)
     done = [0.0] * T  # when step t's last op ended
     for o in ops:
         done[o.step] = max(done[o.step], o.end)
     first = (T - 1) // 2  # steady state: the steps after `first`
-    if T == 1:
-        period = done[0]
-    else:
-        period = (done[T - 1] - done[first]) / (T - 1 - first)
-    # Busy: a device's work per steady step over the period. (A device faster than the
-    # pipeline, e.g. under local learning, could run ahead in the model; any executor
-    # with bounded buffers paces it at the period.)
-    work = [0.0] * K
+    period = done[0] if T == 1 else (done[T - 1] - done[first]) / (T - 1 - first)
+    # A device faster than the pipeline (e.g. under local learning) could run ahead in
+    # the model; any executor with bounded buffers paces it at the period.
+    work = [0.0] * num_stages
     for o in ops:
         if o.step > first or T == 1:
             work[o.stage] += o.cost
-    busy = tuple(w / max(T - 1 - first, 1) / period if period > 0 else 0.0 for w in work)
-    return Schedule(strategy, K, M, T, ops, period, busy, _in_flight(ops, K))
+    steady = max(T - 1 - first, 1)
+    return period, tuple(w / steady / period if period > 0 else 0.0 for w in work)
+
+
+# The end-to-end pipeline schedules a user would pick instead of interlocking: e2e (no
+# aux heads), M microbatches, stage k holding at most K - k of them (the window cap of a
+# global strategy), an update per step.
+PIPELINE_SCHEDULES: dict[str, dict[str, Any]] = {
+    # One backward op per microbatch: period 3(M + K - 1)F with equal stages.
+    "1f1b": dict(fused_backward=True),
+    # The backward split into input VJP and parameter VJP (zero-bubble style, ZB-H1's
+    # memory): V goes back first, W fills the bubbles; period 3M + 2(K - 1)F.
+    "zb": dict(fused_backward=False),
+}
+
+
+def simulate_e2e(
+    num_stages: int,
+    microbatches: int,
+    schedule: str = "1f1b",
+    costs: CostModel | None = None,
+    steps: int = 6,
+) -> Schedule:
+    """The plain network (Strategy.e2e()) on a pipeline under `schedule`, one of
+    PIPELINE_SCHEDULES: the baseline a user would run instead of interlocking."""
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(
+            f"Unknown pipeline schedule {schedule!r}; choose one of {tuple(PIPELINE_SCHEDULES)}."
+        )
+    options = PIPELINE_SCHEDULES[schedule]
+    return simulate(Strategy.e2e(), num_stages, microbatches, steps, costs, **options)
 
 
 def stage_work(
@@ -197,7 +248,7 @@ def stage_work(
     ops = build_graph(strategy.plan(num_stages), 1, 1, costs, fused_backward=fused_backward)
     work = [0.0] * num_stages
     for o in ops:
-        if o.kind != "U":
+        if o.kind != OpKind.UPDATE:
             work[o.stage] += o.cost
     return tuple(work)
 
@@ -220,8 +271,11 @@ def _check_costs(costs: CostModel, K: int) -> None:
     for f in dataclasses.fields(costs):
         value = getattr(costs, f.name)
         values = [value] if isinstance(value, int | float) else list(value)
-        if not isinstance(value, int | float) and len(values) < K:
-            raise ValueError(f"CostModel.{f.name} has {len(values)} entries; K={K} stages.")
+        needed = K - 1 if f.name == "transfer" else K  # transfers: one per boundary
+        if not isinstance(value, int | float) and len(values) < needed:
+            raise ValueError(
+                f"CostModel.{f.name} has {len(values)} entries; K={K} stages need {needed}."
+            )
         if any(v < 0 for v in values):
             raise ValueError(f"CostModel.{f.name} must be ≥ 0; got {value!r}.")
 
@@ -230,9 +284,9 @@ def _in_flight(ops: Sequence[Op], K: int) -> tuple[int, ...]:
     held: dict[tuple[int, int, int], list[float]] = {}  # (k, t, m) → [F start, last VJP end]
     for o in ops:
         key = (o.stage, o.step, o.microbatch)
-        if o.kind == "F":
+        if o.kind == OpKind.FORWARD:
             held.setdefault(key, [o.start, o.start])[0] = o.start
-        elif o.kind in ("V", "W", "B"):
+        elif o.kind in VJP_KINDS:
             span = held.setdefault(key, [o.end, o.end])
             span[1] = max(span[1], o.end)
     peak = [0] * K

@@ -11,7 +11,8 @@ Ops per (step t, microbatch m, stage k), all on device k:
   F     forward of stage k. Needs F(t, m, k-1) and U(t-1, k): the forward for step t uses
         θ_k after its update for step t-1, so pipelining adds no staleness.
   A     aux head forward + backward (k < K-1); yields ∂L_k/∂h_k. Needs F. The final
-        head's loss is folded into the last stage's F.
+        head's loss is folded into the last stage's F. None when `plan.aux_heads` is
+        False (e2e: only the final loss exists).
   V_j   input VJP for loss j ∈ plan[k].sends: ∂L_j/∂h_{k-1}, sent to stage k-1. Needs
         the cotangent ∂L_j/∂h_k (A if j == k, F if j == K-1 == k, else V_j at stage k+1).
   W     parameter VJP: needs every cotangent in plan[k].train_on. When
@@ -40,9 +41,10 @@ backward op of that step on a stage (a barrier dependency), no cap.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import heapq
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 from ilbp.strategy import Plan
 
@@ -51,6 +53,44 @@ PRIORITIES: tuple[str, ...] = ("sends_first", "gpipe")
 _EPS = 1e-9
 
 PerStage = float | Sequence[float]
+
+
+class OpKind(enum.StrEnum):
+    """The kinds of op a stage runs (module docstring); the value is the chart letter.
+
+    A StrEnum, so a kind prints as its letter ("F", "V", ...) in op names and tables.
+    """
+
+    FORWARD = "F"
+    AUX = "A"  # aux head forward + backward
+    INPUT_VJP = "V"
+    PARAM_VJP = "W"
+    BACKWARD = "B"  # V and W of one cotangent as one op
+    UPDATE = "U"
+
+
+# The ops that read a microbatch's forward residuals (held until the last one ends).
+VJP_KINDS = frozenset({OpKind.INPUT_VJP, OpKind.PARAM_VJP, OpKind.BACKWARD})
+
+
+def op_name(kind: OpKind, step: int, microbatch: int, stage: int, loss: int | None) -> str:
+    """An op's display name, e.g. "V[3](t1,m0,k2)" (no microbatch for an update)."""
+    j = "" if loss is None else f"[{loss}]"
+    m = "" if microbatch < 0 else f",m{microbatch}"
+    return f"{kind}{j}(t{step}{m},k{stage})"
+
+
+class TimedOp(Protocol):
+    """What a scheduled or measured op has for steady-state measures and charts."""
+
+    kind: OpKind
+    stage: int
+    step: int
+    start: float
+    end: float
+
+    @property
+    def cost(self) -> float: ...
 
 
 def _per_stage(value: PerStage, k: int) -> float:
@@ -64,7 +104,8 @@ class CostModel:
     Defaults are docs/design.md §2.2's units: forward F = 1, input VJP V = F, parameter VJP
     W = 2F alone and F when it reuses V's intermediates, free aux heads, updates and
     transfers. `transfer` is a latency on every cross-device edge (activations right,
-    cotangents left); it occupies no device (asynchronous send).
+    cotangents left): one number, or one per boundary (entry k: between stages k and
+    k + 1; K - 1 entries). It occupies no device (asynchronous send).
     """
 
     forward: PerStage = 1.0
@@ -73,7 +114,7 @@ class CostModel:
     param_vjp: PerStage = 2.0
     param_vjp_shared: PerStage = 1.0
     update: PerStage = 0.0
-    transfer: float = 0.0
+    transfer: PerStage = 0.0
 
     @classmethod
     def from_measured(
@@ -85,7 +126,7 @@ class CostModel:
         fused_vjp: Sequence[float] | None = None,
         aux: PerStage = 0.0,
         update: PerStage = 0.0,
-        transfer: float = 0.0,
+        transfer: PerStage = 0.0,
     ) -> CostModel:
         """Costs from measured per-stage op times (e.g. seconds of jitted calls).
 
@@ -113,18 +154,24 @@ class CostModel:
             transfer=transfer,
         )
 
-    def of(self, kind: str, k: int) -> float:
-        """Cost of op `kind` ("F", "A", "V", "W", "Ws", "B", "U") on stage k."""
-        if kind == "B":
-            return self.of("V", k) + self.of("Ws", k)
+    def transfer_after(self, k: int) -> float:
+        """Latency of the boundary between stages k and k + 1 (either direction)."""
+        return _per_stage(self.transfer, k)
+
+    def of(self, kind: OpKind, k: int, *, shared: bool = False) -> float:
+        """Cost of op `kind` on stage k; `shared`: a parameter VJP that reuses the
+        intermediates of the input VJP of its cotangent (W_shared)."""
+        if kind == OpKind.BACKWARD:
+            return self.of(OpKind.INPUT_VJP, k) + self.of(OpKind.PARAM_VJP, k, shared=True)
+        if kind == OpKind.PARAM_VJP and shared:
+            return _per_stage(self.param_vjp_shared, k)
         field = {
-            "F": self.forward,
-            "A": self.aux,
-            "V": self.input_vjp,
-            "W": self.param_vjp,
-            "Ws": self.param_vjp_shared,
-            "U": self.update,
-        }[kind]
+            OpKind.FORWARD: self.forward,
+            OpKind.AUX: self.aux,
+            OpKind.INPUT_VJP: self.input_vjp,
+            OpKind.PARAM_VJP: self.param_vjp,
+            OpKind.UPDATE: self.update,
+        }[OpKind(kind)]
         return _per_stage(field, k)
 
 
@@ -132,7 +179,7 @@ class CostModel:
 class Op:
     """One op of the graph; `deps` are (op, latency) pairs. Filled in by `simulate`."""
 
-    kind: str
+    kind: OpKind
     stage: int
     step: int
     microbatch: int  # -1 for U
@@ -145,9 +192,7 @@ class Op:
 
     @property
     def name(self) -> str:
-        j = "" if self.loss is None else f"[{self.loss}]"
-        m = "" if self.microbatch < 0 else f",m{self.microbatch}"
-        return f"{self.kind}{j}(t{self.step}{m},k{self.stage})"
+        return op_name(self.kind, self.step, self.microbatch, self.stage, self.loss)
 
     def __repr__(self) -> str:
         return f"{self.name}@[{self.start:g},{self.end:g}]"
@@ -165,87 +210,120 @@ def build_graph(
     max_in_flight: Sequence[int] | None = None,
 ) -> list[Op]:
     """The op DAG of `steps` steps of M microbatches under `plan` (module docstring)."""
-    K, M, tr = len(plan), microbatches, costs.transfer
+    K, M = len(plan), microbatches
     ops: list[Op] = []
 
-    def new(kind, k, t, m, cost, loss=None) -> Op:
-        op = Op(kind, k, t, m, loss, cost)
+    def new(kind: OpKind, k: int, t: int, m: int, loss=None, *, shared=False) -> Op:
+        op = Op(kind, k, t, m, loss, costs.of(kind, k, shared=shared))
         ops.append(op)
         return op
 
     updates: list[Op | None] = [None] * K
     for t in range(steps):
-        fwd = [[new("F", k, t, m, costs.of("F", k)) for k in range(K)] for m in range(M)]
-        step_ops: list[list[Op]] = [[] for _ in range(K)]  # what U(t, k) waits for
-        backward: list[list[Op]] = [[] for _ in range(K)]  # for the GPipe barrier
-        mb_backward: list[list[Op]] = [[] for _ in range(K)]
+        fwd = [[new(OpKind.FORWARD, k, t, m) for k in range(K)] for m in range(M)]
         for m in range(M):
             for k in range(K):
-                f = fwd[m][k]
                 if k > 0:
-                    f.deps.append((fwd[m][k - 1], tr))
+                    fwd[m][k].deps.append((fwd[m][k - 1], costs.transfer_after(k - 1)))
                 if updates[k] is not None:
-                    f.deps.append((updates[k], 0.0))
-            sent: list[dict[int, Op]] = [{} for _ in range(K)]  # V_j ops of stage k
-            for k in reversed(range(K)):
-                sp = plan[k]
-                # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
-                own = fwd[m][k]  # the last stage's loss is part of its forward
-                if k < K - 1:
-                    a = new("A", k, t, m, costs.of("A", k))
-                    a.deps.append((fwd[m][k], 0.0))
-                    step_ops[k].append(a)
-                    own = a
-                cot = {k: (own, 0.0)}
-                if k < K - 1:
-                    cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
-                full_list = list(cot.values())
-
-                def inputs(js, cot=cot, full_list=full_list):
-                    return list(full_list) if not eager_sends else [cot[j] for j in js]
-
-                shared = sp.shared_cotangent
-                for j in sp.sends:
-                    if j == shared and fused_backward:
-                        continue
-                    v = new("V", k, t, m, costs.of("V", k), loss=j)
-                    v.deps += inputs([j])
-                    sent[k][j] = v
-                    backward[k].append(v)
-                    mb_backward[k].append(v)
-                train_js = [j for j, _ in sp.train_on]
-                if shared is not None and fused_backward:
-                    w = new("B", k, t, m, costs.of("B", k), loss=shared)
-                    w.deps += inputs(train_js)
-                    sent[k][shared] = w
-                elif shared is not None:
-                    w = new("W", k, t, m, costs.of("Ws", k))
-                    w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
-                else:
-                    w = new("W", k, t, m, costs.of("W", k))
-                    w.deps += inputs(train_js)
-                step_ops[k].append(w)
-                backward[k].append(w)
-                mb_backward[k].append(w)
+                    fwd[m][k].deps.append((updates[k], 0.0))
+        step = _StepOps(K)
+        for m in range(M):
+            _microbatch_backward(new, plan, costs, t, m, fwd[m], step, fused_backward, eager_sends)
         for k in range(K):
             if max_in_flight is not None:
                 cap = max_in_flight[k]
                 for m in range(cap, M):
-                    done_ops = [o for o in mb_backward[k] if o.microbatch == m - cap]
-                    fwd[m][k].deps += [(o, 0.0) for o in done_ops]
+                    done = [o for o in step.backward[k] if o.microbatch == m - cap]
+                    fwd[m][k].deps += [(o, 0.0) for o in done]
             if gpipe:  # GPipe flush: every forward of the step before any backward op
-                for b in backward[k]:
+                for b in step.backward[k]:
                     b.deps.append((fwd[M - 1][k], 0.0))
-            u = new("U", k, t, -1, costs.of("U", k))
-            u.deps += [(op, 0.0) for op in step_ops[k]]
+            u = new(OpKind.UPDATE, k, t, -1)
+            u.deps += [(op, 0.0) for op in step.update_inputs[k]]
             updates[k] = u
     return ops
 
 
+class _StepOps:
+    """Per stage, the ops of one step that later edges attach to."""
+
+    def __init__(self, num_stages: int):
+        self.update_inputs: list[list[Op]] = [[] for _ in range(num_stages)]  # A, W, B
+        self.backward: list[list[Op]] = [[] for _ in range(num_stages)]  # V, W, B
+
+
+def _microbatch_backward(
+    new: Callable[..., Op],
+    plan: Plan,
+    costs: CostModel,
+    t: int,
+    m: int,
+    fwd: Sequence[Op],
+    step: _StepOps,
+    fused_backward: bool,
+    eager_sends: bool,
+) -> None:
+    """The A, V and W (or B) ops of microbatch m of step t, last stage first."""
+    K = len(plan)
+    sent: list[dict[int, Op]] = [{} for _ in range(K)]  # the op that sends ∂L_j/∂h_{k-1}
+    for k in reversed(range(K)):
+        sp = plan[k]
+        # Where each cotangent ∂L_j/∂h_k comes from: (producer, latency).
+        cot: dict[int, tuple[Op, float]] = {}
+        if k == K - 1:  # the last stage's loss is part of its forward
+            cot[k] = (fwd[k], 0.0)
+        elif plan.aux_heads:
+            a = new(OpKind.AUX, k, t, m)
+            a.deps.append((fwd[k], 0.0))
+            step.update_inputs[k].append(a)
+            cot[k] = (a, 0.0)
+        if k < K - 1:
+            tr = costs.transfer_after(k)
+            cot.update({j: (v, tr) for j, v in sent[k + 1].items()})
+        # Eager sends wait for the cotangents they use; the reference order for all.
+        inputs = lambda js, cot=cot: [cot[j] for j in js] if eager_sends else list(cot.values())
+        shared = sp.shared_cotangent
+        for j in sp.sends:
+            if j == shared and fused_backward:
+                continue
+            v = new(OpKind.INPUT_VJP, k, t, m, loss=j)
+            v.deps += inputs([j])
+            sent[k][j] = v
+            step.backward[k].append(v)
+        train_js = [j for j, _ in sp.train_on]
+        if shared is not None and fused_backward:
+            w = new(OpKind.BACKWARD, k, t, m, loss=shared)
+            w.deps += inputs(train_js)
+            sent[k][shared] = w
+        elif shared is not None:
+            w = new(OpKind.PARAM_VJP, k, t, m, shared=True)
+            w.deps += [*inputs(train_js), (sent[k][shared], 0.0)]
+        else:
+            w = new(OpKind.PARAM_VJP, k, t, m)
+            w.deps += inputs(train_js)
+        step.update_inputs[k].append(w)
+        step.backward[k].append(w)
+
+
 _RANK = {
     # kind → rank within a step; lower runs first among ready ops.
-    "sends_first": {"U": 0, "A": 1, "V": 1, "F": 2, "B": 3, "W": 3},
-    "gpipe": {"U": 0, "F": 1, "A": 2, "V": 2, "B": 3, "W": 3},
+    "sends_first": {
+        OpKind.UPDATE: 0,
+        OpKind.AUX: 1,
+        OpKind.INPUT_VJP: 1,
+        OpKind.FORWARD: 2,
+        OpKind.BACKWARD: 3,
+        OpKind.PARAM_VJP: 3,
+    },
+    "gpipe": {
+        OpKind.UPDATE: 0,
+        OpKind.FORWARD: 1,
+        OpKind.AUX: 2,
+        OpKind.INPUT_VJP: 2,
+        OpKind.BACKWARD: 3,
+        OpKind.PARAM_VJP: 3,
+    },
 }
 
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end on tiny sizes (their numbers are not checked)."""
+"""The benchmarks run end to end on tiny sizes (their numbers are not checked)."""
 
 from __future__ import annotations
 
@@ -11,25 +11,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
-    "pipeline.py": [
+    "pipeline": [
         "--width=16", "--layers=1", "--batch=8", "--steps=2", "--microbatches=1",
         "--strategies=pairwise",
     ],
-    "spmd_overlap.py": [
+    "spmd_overlap": [
         "--stages=2", "--microbatches=1", "--strategies=pairwise", "--steps=2",
         "--d-model=16", "--seq-len=8", "--batch=2", "--repeats=1",
     ],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("script, expected", [
-    ("pipeline.py", "in-run model in"),
-    ("spmd_overlap.py", "pairwise"),
-])  # fmt: skip
-def test_benchmark_script_runs(script, expected):
-    # Each script sets its own device count before importing jax: a fresh process.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *TINY[script]]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _run(cmd: list[str], **env: str) -> str:
+    # Each benchmark sets its own device count before JAX starts: a fresh process.
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(cmd, cwd=ROOT, env=base | env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert expected in out.stdout
+    return out.stdout
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("pipeline", "in-run model in"),
+    ("spmd_overlap", "pairwise"),
+])  # fmt: skip
+def test_benchmark_module_runs(module, expected):
+    assert expected in _run([sys.executable, "-m", f"benchmarks.{module}", *TINY[module]])
+
+
+def test_gpu_script_cpu_form():
+    out = _run(["bash", "benchmarks/gpu.sh", "--cpu"], PYTHON=sys.executable)
+    assert "| MFU | FLOP util. |" in out
+    assert "| e2e |" in out and "| pairwise |" in out

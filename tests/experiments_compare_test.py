@@ -10,6 +10,7 @@ import ml_collections
 import pytest
 
 from experiments.lib import builders, checkpoints, report
+from ilbp import costs
 from tests import experiments_fixtures as fx
 
 
@@ -28,11 +29,17 @@ def test_compare_writes_results(idx_dir, tmp_path):
     table, rows = report.compare(_config(idx_dir), str(tmp_path))
     assert [r["strategy"] for r in rows] == ["global", "pairwise"]
     assert all(r["seeds"] == 2 and r["test_accuracy_std"] >= 0 for r in rows)
-    assert rows[0]["predicted_throughput_vs_global_K3"] == pytest.approx(1.0)
-    assert rows[1]["predicted_throughput_vs_global_K3"] > 1.0  # pipelined pairwise
+    # Cost-fed predictions: global does all that e2e does and more; pipelined pairwise
+    # beats global.
+    assert rows[0]["pred_vs_e2e_split_M1"] <= 1.0
+    assert rows[1]["pred_step_time_s"] < rows[0]["pred_step_time_s"]
+    for r in rows:  # the best e2e pipeline fits in the strategy's activation memory
+        assert r["pred_pipeline_activation_MiB"] <= r["pred_activation_MiB"] * (1 + 1e-9)
+        assert r["target_reached"].endswith("/2")
     assert "| global |" in table and "Ranking by mean test accuracy" in table
     files = set(os.listdir(tmp_path))
     assert {"results.md", "results.csv", "runs.csv", "test_accuracy.png"} <= files
+    assert "quality_vs_time.png" in files
     assert sorted(os.listdir(tmp_path / "pairwise")) == ["seed0", "seed1"]
     with open(tmp_path / "results.md") as f:
         text = f.read()
@@ -73,11 +80,32 @@ def test_e2e_rows_show_no_aux_accuracy():
     config = ml_collections.ConfigDict(
         dict(name="x", batch_size=8, microbatches=1, eval_examples=0, eval_every_steps=1)
     )
-    rows = report.aggregate(summaries, {"e2e": 1.0, "pairwise": 1.5})
+    predictions = {
+        name: costs.Throughput(name, 1, 0.1, 1.0, ratio, None, None)
+        for name, ratio in (("e2e", 1.0), ("pairwise", 1.5))
+    }
+    rows = report.aggregate(summaries, predictions, {"e2e": [None], "pairwise": [None]})
     assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
     assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
-    table, _ = report.render_markdown(rows, summaries, config)
+    target = report.quality_target(summaries)
+    table, _ = report.render_markdown(rows, summaries, config, target)
     assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
+
+
+def test_quality_target():
+    def run(strategy, metric, **test):
+        return {"strategy": strategy, "metric": metric, "test": test}
+
+    # e2e is the reference when compared, then global; LMs are judged by loss.
+    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
+    images.append(run("e2e", "accuracy", accuracy=0.8))
+    target = report.quality_target(images)
+    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
+    assert target.value == pytest.approx(0.98 * 0.85)
+    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
+    target = report.quality_target(text)
+    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
+    assert target.value == pytest.approx(2.0 / 0.98)
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):

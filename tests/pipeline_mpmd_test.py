@@ -15,6 +15,7 @@ import ilbp
 from ilbp.pipeline import make_executor
 from ilbp.pipeline import mpmd_ops as ops
 from ilbp.pipeline.mpmd import issue_order
+from ilbp.schedule import OpKind
 from tests import toy_models as tm
 from tests.tree_asserts import assert_trees_close
 
@@ -131,9 +132,10 @@ def test_issue_order_is_topological_and_eager():
     kinds = [(kind, k, m) for kind, k, m, _ in order]
     for m in range(2):
         for k in range(1, K - 1):
-            assert kinds.index(("V", k, m)) < kinds.index(("W", k, m))
+            assert kinds.index((OpKind.INPUT_VJP, k, m)) < kinds.index((OpKind.PARAM_VJP, k, m))
         for k in range(1, K):  # forwards flow right
-            assert kinds.index(("F", k - 1, m)) < kinds.index(("F", k, m))
+            F = OpKind.FORWARD
+            assert kinds.index((F, k - 1, m)) < kinds.index((F, k, m))
 
 
 def test_e2e_issues_no_head_ops():

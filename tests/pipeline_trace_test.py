@@ -11,8 +11,8 @@ import pytest
 
 import ilbp
 from ilbp.pipeline import make_executor
-from ilbp.pipeline.trace import MeasuredOp, in_run_costs, record_timeline, summarize
-from ilbp.schedule import CostModel, simulate
+from ilbp.pipeline.trace import MeasuredOp, in_run_costs, record_timeline
+from ilbp.schedule import CostModel, OpKind, simulate, steady_state
 from tests import toy_models as tm
 
 K, M, STEPS = 3, 2, 2
@@ -59,10 +59,10 @@ def test_timeline_is_consistent_and_state_unchanged(spec, cap):
         for a, b in itertools.pairwise(on_k):
             assert a.end <= b.start, (a.name, b.name)
     # Cross-device inputs are in the deps: F(t, m, k) waits for F(t, m, k - 1).
-    f = next(o for o in ops if o.kind == "F" and o.stage == 1)
-    assert any(ops[d].kind == "F" and ops[d].stage == 0 for d in f.deps)
+    f = next(o for o in ops if o.kind == OpKind.FORWARD and o.stage == 1)
+    assert any(ops[d].kind == OpKind.FORWARD and ops[d].stage == 0 for d in f.deps)
 
-    period, busy = summarize(ops, K)
+    period, busy = steady_state(ops, K)
     assert period > 0 and len(busy) == K and all(b >= 0 for b in busy)
 
     # Tracing changes nothing that is computed.
@@ -118,9 +118,9 @@ def test_in_run_costs_recover_the_costs_a_timeline_ran_with(spec):
     again = simulate(spec, K, M, steps=4, costs=recovered, fused_backward=True)
     assert again.period == pytest.approx(truth.period)
     assert again.busy == pytest.approx(truth.busy)
-    for kind in ("F", "A", "U"):
+    for kind in (OpKind.FORWARD, OpKind.AUX, OpKind.UPDATE):
         assert [recovered.of(kind, k) for k in range(K)] == pytest.approx(
-            [costs.of(kind, k) if kind != "A" or k < K - 1 else 0.0 for k in range(K)]
+            [costs.of(kind, k) if kind != OpKind.AUX or k < K - 1 else 0.0 for k in range(K)]
         )
     with pytest.raises(ValueError, match="record more steps"):
         in_run_costs(as_measured, K, skip_steps=4)

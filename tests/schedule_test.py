@@ -5,7 +5,16 @@ import random
 
 import pytest
 
-from ilbp.schedule import CostModel, Op, render_table, simulate, stage_work, throughput_table
+from ilbp.schedule import (
+    CostModel,
+    Op,
+    OpKind,
+    render_table,
+    simulate,
+    simulate_e2e,
+    stage_work,
+    throughput_table,
+)
 from ilbp.strategy import Strategy
 
 EPS = 1e-9
@@ -74,7 +83,8 @@ def test_global_critical_path_is_the_whole_chain():
     for K in (2, 5, 8):
         path = simulate("global", K).critical_path()
         assert span(path) == 2 * K + 1
-        assert [o.kind for o in path if o.cost > 0] == ["F"] * K + ["V"] * (K - 1) + ["W"]
+        F, V, W = OpKind.FORWARD, OpKind.INPUT_VJP, OpKind.PARAM_VJP
+        assert [o.kind for o in path if o.cost > 0] == [F] * K + [V] * (K - 1) + [W]
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 8])
@@ -102,6 +112,33 @@ def test_reference_order_waits_for_the_whole_chain(K):
 def test_period_is_steady():
     for spec, K, M in [("pairwise", 6, 4), ("3wise", 8, 3), ("global", 4, 5), ("local", 3, 2)]:
         assert simulate(spec, K, M, steps=6).period == simulate(spec, K, M, steps=10).period
+
+
+# End to end (no aux heads) and its pipeline baselines ---------------------------------
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_e2e_has_no_aux_ops_and_ignores_head_costs(K):
+    costly_heads = CostModel(aux=0.7)
+    s = simulate("e2e", K, 2, costs=costly_heads)
+    assert not [o for o in s.timeline if o.kind == OpKind.AUX]
+    assert s.period == simulate("global", K, 2).period  # global with free heads
+    assert stage_work("e2e", K, costly_heads) == (3.0,) * K
+    assert stage_work("global", K, costly_heads) == (3.7,) * (K - 1) + (3.0,)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+def test_e2e_pipeline_schedules(K, M):
+    one_f_one_b = simulate_e2e(K, M, "1f1b")
+    zero_bubble = simulate_e2e(K, M, "zb")
+    # 1F1B's classic period; the split backward sends V back first and lets stage 0's
+    # parameter VJPs (2F each: it has no input VJP to share) trail the chain.
+    assert one_f_one_b.period == 3 * (M + K - 1)
+    assert zero_bubble.period == 3 * M + 2 * (K - 1)
+    # Both hold 1F1B's K - k microbatches on stage k.
+    expected = tuple(min(M, K - k) for k in range(K))
+    assert one_f_one_b.in_flight == zero_bubble.in_flight == expected
+    with pytest.raises(ValueError, match="pipeline schedule"):
+        simulate_e2e(K, M, "interleaved")
 
 
 # Memory --------------------------------------------------------------------------------
@@ -199,8 +236,8 @@ def test_schedule_is_valid(seed):
     s = simulate(**cfg)
     K, M, T = cfg["num_stages"], cfg["microbatches"], cfg["steps"]
     ops = s.timeline
-    assert sum(o.kind == "U" for o in ops) == K * T
-    assert sum(o.kind == "F" for o in ops) == K * M * T
+    assert sum(o.kind == OpKind.UPDATE for o in ops) == K * T
+    assert sum(o.kind == OpKind.FORWARD for o in ops) == K * M * T
     for o in ops:
         assert o.end == pytest.approx(o.start + o.cost)
         assert o.start >= _ready(o) - EPS, o  # never before its inputs (+ transfer)
@@ -219,11 +256,22 @@ def test_schedule_is_valid(seed):
         assert max(s.in_flight) <= cfg["max_in_flight"]
 
 
+def test_per_boundary_transfers():
+    # Global waits for every boundary twice (activation right, cotangent left).
+    costs = CostModel(transfer=(0.5, 0.25))
+    assert simulate("global", 3, costs=costs).period == 7 + 2 * (0.5 + 0.25)
+    assert simulate("local", 3, costs=costs).period == 3
+    with pytest.raises(ValueError, match="transfer"):
+        simulate("global", 4, costs=costs)
+
+
 def test_from_measured_costs():
     c = CostModel.from_measured([1.0, 2.0], [1.0, 2.5], [3.0, 4.0], fused_vjp=[2.0, 4.0])
-    assert c.of("Ws", 0) == 1.0 and c.of("Ws", 1) == 1.5 and c.of("B", 1) == 4.0
+    W, B = OpKind.PARAM_VJP, OpKind.BACKWARD
+    assert c.of(W, 0, shared=True) == 1.0 and c.of(W, 1, shared=True) == 1.5
+    assert c.of(B, 1) == 4.0
     c = CostModel.from_measured([1.0], [1.0], [2.5])
-    assert c.of("Ws", 0) == 1.5
+    assert c.of(W, 0, shared=True) == 1.5
     with pytest.raises(ValueError):
         CostModel.from_measured([1.0, 2.0], [1.0], [2.0, 2.0])
 

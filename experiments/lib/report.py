@@ -5,13 +5,21 @@ comparison resumes run by run). Outputs in WORKDIR:
   results.md   per-strategy table (mean ± sample std over seeds) and per-run table
   results.csv  the per-strategy table; runs.csv the per-run numbers
   test_<metric>.png  the test metric against step, one colour per strategy
-Predicted throughput comes from the schedule model (`ilbp.schedule.simulate`): steps
-per unit time of the strategy on K devices relative to global backprop, equal stages.
+  quality_vs_time.png  the quality metric against predicted wall-clock on K devices
+  command.txt  the command that produced them (when `compare` is given it)
+Predicted throughput comes from the model's own per-stage op costs (`ilbp.costs`: XLA
+cost analysis of each stage's ops on one training batch, on `ilbp.costs.DEFAULT_HARDWARE`)
+fed to the schedule model, one device per stage, against e2e with split backward at
+M = 1 and against the fastest e2e pipeline (1F1B or zero-bubble split backward, any
+M ≤ 16) whose activation memory per device does not exceed the strategy's. Time to
+quality: the predicted wall-clock at which a run's eval curve first reaches
+QUALITY_FRACTION of the reference strategy's final quality (accuracy; loss for LMs).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import os
 import statistics
@@ -22,8 +30,15 @@ import ml_collections
 from experiments.lib import builders, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
 from experiments.lib.metrics import METRICS_FILE, read_metrics
-from ilbp import data, schedule
+from ilbp import costs, data
 from ilbp.strategy import Strategy
+
+# Time to quality: reach this fraction of the reference's final quality (accuracy ×
+# 0.98; loss ÷ 0.98 for LMs). The reference is e2e if compared, else global, else the
+# first strategy.
+QUALITY_FRACTION = 0.98
+REFERENCES: tuple[str, ...] = ("e2e", "global")
+COMMAND_FILE = "command.txt"
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -80,10 +95,94 @@ def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.Da
             ckpts.close()
 
 
-def predicted_speedups(strategies: list[str], num_stages: int, microbatches: int) -> dict:
-    """Schedule-model throughput of each strategy on K devices relative to global."""
-    base = schedule.simulate("global", num_stages, microbatches).period
-    return {s: base / schedule.simulate(s, num_stages, microbatches).period for s in strategies}
+def predict_runs(runs: list[ml_collections.ConfigDict]) -> dict[str, costs.Throughput]:
+    """Each strategy's predicted throughput from its model's per-stage op costs at the
+    config's K and M (module docstring), by strategy name."""
+    first = runs[0]
+    info = builders.build_data(first, "train").info
+    batch = data.batches(builders.build_data(first, "train"), int(first.batch_size), seed=0)
+    batch = batch.batch_at(0)
+    optimizer = builders.build_optimizer(first)
+    by_cuts: dict[tuple[str, ...], costs.StageCosts] = {}
+
+    def costs_of(c: ml_collections.ConfigDict) -> costs.StageCosts:
+        model = builders.build_model(c, info)
+        cuts = tuple(stage.name for stage in model.stages)  # balance="work" moves them
+        if cuts not in by_cuts:
+            by_cuts[cuts] = costs.stage_costs(model, optimizer, batch)
+        return by_cuts[cuts]
+
+    plain = ml_collections.ConfigDict(first.to_dict())
+    plain.strategy, plain.combine, plain.aux_weight = "e2e", "last", 1.0
+    e2e_costs = costs_of(plain)
+    baselines = costs.pipeline_baselines(e2e_costs)
+    out = {}
+    for c in runs:
+        strategy = builders.build_strategy(c)
+        if strategy.name not in out:
+            out[strategy.name] = costs.predict_throughput(
+                strategy,
+                costs_of(c),
+                int(c.microbatches),
+                e2e_costs=e2e_costs,
+                baselines=baselines,
+            )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityTarget:
+    """What time to quality measures: `metric` of the eval records reaching `value`."""
+
+    reference: str
+    metric: str
+    value: float
+    higher_is_better: bool
+
+    def describe(self) -> str:
+        relation = "≥" if self.higher_is_better else "≤"
+        scale = f"{QUALITY_FRACTION:g} ×" if self.higher_is_better else f"1/{QUALITY_FRACTION:g} ×"
+        return (
+            f"test {self.metric} {relation} {self.value:.4f} ({scale} {self.reference}'s final "
+            "mean)"
+        )
+
+
+def quality_target(summaries: list[dict[str, Any]]) -> QualityTarget:
+    """QUALITY_FRACTION of the reference strategy's final test quality (module docstring)."""
+    names = list(dict.fromkeys(s["strategy"] for s in summaries))
+    reference = next((r for r in REFERENCES if r in names), names[0])
+    text = summaries[0]["metric"] == "perplexity"
+    metric = "loss" if text else summaries[0]["metric"]
+    final = statistics.fmean(s["test"][metric] for s in summaries if s["strategy"] == reference)
+    value = final / QUALITY_FRACTION if text else final * QUALITY_FRACTION
+    return QualityTarget(reference, metric, value, not text)
+
+
+def eval_curve(summary: dict[str, Any], metric: str) -> list[tuple[int, float]]:
+    """(step, value) of a run's eval records (the last one is the final evaluation)."""
+    records = read_metrics(os.path.join(summary["workdir"], METRICS_FILE))
+    return [(r["step"], r[metric]) for r in records if r["kind"] == "eval"]
+
+
+def times_to_quality(
+    summaries: list[dict[str, Any]],
+    predictions: dict[str, costs.Throughput],
+    target: QualityTarget,
+) -> dict[str, list[float | None]]:
+    """Per strategy, each seed's predicted wall-clock (s) to reach the target."""
+    out: dict[str, list[float | None]] = {}
+    for s in summaries:
+        step_time = predictions[s["strategy"]].step_time
+        out.setdefault(s["strategy"], []).append(
+            costs.time_to_quality(
+                eval_curve(s, target.metric),
+                step_time,
+                target.value,
+                higher_is_better=target.higher_is_better,
+            )
+        )
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -91,8 +190,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), std
 
 
-def aggregate(summaries: list[dict[str, Any]], speedups: dict[str, float]) -> list[dict]:
-    """Per-strategy rows: mean and sample std of the final metric, aux accuracies, time."""
+def aggregate(
+    summaries: list[dict[str, Any]],
+    predictions: dict[str, costs.Throughput],
+    times: dict[str, list[float | None]],
+) -> list[dict]:
+    """Per-strategy rows: mean and sample std of the final metric, aux accuracies, time,
+    predicted throughput and time to quality."""
     rows = []
     for name in dict.fromkeys(s["strategy"] for s in summaries):
         runs = [s for s in summaries if s["strategy"] == name]
@@ -108,12 +212,83 @@ def aggregate(summaries: list[dict[str, Any]], speedups: dict[str, float]) -> li
                 else float("nan")
             )
         row["step_time_ms_mean"] = 1e3 * statistics.fmean(r["step_time_s"] for r in runs)
-        row[f"predicted_throughput_vs_global_K{K}"] = speedups[name]
+        row.update(prediction_columns(predictions[name], times[name]))
         rows.append(row)
     return rows
 
 
-def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[str, str]:
+def prediction_columns(t: costs.Throughput, times: list[float | None]) -> dict[str, Any]:
+    """The results.csv columns of a strategy's prediction and time to quality."""
+    reached = [x for x in times if x is not None]
+    mean, std = _mean_std(reached) if reached else (float("nan"), float("nan"))
+    best = t.pipeline
+    return {
+        "pred_microbatches": t.microbatches,
+        "pred_step_time_s": t.step_time,
+        "pred_activation_MiB": t.memory / 2**20,
+        "pred_vs_e2e_split_M1": t.vs_e2e,
+        "pred_pipeline": "" if best is None else best.schedule,
+        "pred_pipeline_microbatches": 0 if best is None else best.microbatches,
+        "pred_pipeline_activation_MiB": float("nan") if best is None else best.memory / 2**20,
+        "pred_vs_pipeline": float("nan") if t.vs_pipeline is None else t.vs_pipeline,
+        "time_to_target_s_mean": mean,
+        "time_to_target_s_std": std,
+        "target_reached": f"{len(reached)}/{len(times)}",
+    }
+
+
+def format_seconds(x: float) -> str:
+    """A duration with a readable unit."""
+    if x != x:  # NaN
+        return "nan"
+    for unit, scale in (("h", 3600.0), ("min", 60.0), ("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x / 1e-9:.3g} ns"
+
+
+def _time_to_target(r: dict) -> str:
+    if r["target_reached"].startswith("0/"):
+        return f"not reached ({r['target_reached']})"
+    spread = (
+        f" ± {format_seconds(r['time_to_target_s_std'])}" if r["time_to_target_s_std"] >= 0 else ""
+    )
+    return f"{format_seconds(r['time_to_target_s_mean'])}{spread} ({r['target_reached']})"
+
+
+def _vs_pipeline(r: dict) -> str:
+    if not r["pred_pipeline"]:
+        return "— (none fits)"
+    return (
+        f"{r['pred_vs_pipeline']:.2f} ({r['pred_pipeline']}, M={r['pred_pipeline_microbatches']})"
+    )
+
+
+def render_predictions(rows: list[dict], K: int) -> str:
+    """The predicted-throughput table: step time, memory, both baselines with memory."""
+    lines = [
+        f"| strategy | M | pred. step (K={K}) | activations / device | ×e2e split, M=1 "
+        "| best e2e pipeline within memory | its activations / device | ×it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        best = (
+            f"{r['pred_pipeline']}, M={r['pred_pipeline_microbatches']}"
+            if r["pred_pipeline"]
+            else "none fits"
+        )
+        lines.append(
+            f"| {r['strategy']} | {r['pred_microbatches']} "
+            f"| {format_seconds(r['pred_step_time_s'])} "
+            f"| {r['pred_activation_MiB']:.3g} MiB | {r['pred_vs_e2e_split_M1']:.2f} | {best} "
+            f"| {r['pred_pipeline_activation_MiB']:.3g} MiB | {r['pred_vs_pipeline']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(
+    rows: list[dict], summaries: list[dict], config, target: QualityTarget
+) -> tuple[str, str]:
     """(the per-strategy table and ranking, which `compare` prints; all of results.md)."""
     metric, K = summaries[0]["metric"], summaries[0]["num_stages"]
     s0 = summaries[0]
@@ -122,7 +297,9 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
         f"test {metric} (mean ± std)",
         f"aux acc (k=0..{K - 2})",
         "step (ms)",
-        f"pred. ×global (K={K})",
+        "pred. ×e2e split, M=1",
+        "pred. ×best e2e pipeline",
+        "pred. time to target",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -130,8 +307,8 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
         aux = aux.replace("nan", "—")
         lines.append(
             f"| {r['strategy']} | {r[f'test_{metric}_mean']:.4f} ± {r[f'test_{metric}_std']:.4f} "
-            f"| {aux} | {r['step_time_ms_mean']:.0f} "
-            f"| {r[f'predicted_throughput_vs_global_K{K}']:.2f} |"
+            f"| {aux} | {r['step_time_ms_mean']:.0f} | {r['pred_vs_e2e_split_M1']:.2f} "
+            f"| {_vs_pipeline(r)} | {_time_to_target(r)} |"
         )
     table = "\n".join(lines)
     better = (lambda v: -v) if metric == "perplexity" else (lambda v: v)
@@ -164,13 +341,21 @@ def render_markdown(rows: list[dict], summaries: list[dict], config) -> tuple[st
             "test examples. std: sample standard deviation over seeds. Step time: median "
             "of one single-program step on this machine (all stages in one jit; noisy on a "
             "shared machine). aux acc: each aux head's test accuracy, mean over seeds. "
-            "pred. ×global: throughput relative to global that the schedule model predicts "
-            f"with one device per stage, equal stages, M={config.microbatches}. "
-            "The plot's curve uses the first "
+            "pred.: the schedule model fed with each stage's op costs (XLA cost analysis "
+            f"of this model's per-stage ops on {costs.DEFAULT_HARDWARE.name}), one device per "
+            f"stage, M={config.microbatches}: throughput relative to e2e with split "
+            "backward at M = 1, and to the fastest e2e pipeline (1F1B or zero-bubble split "
+            "backward, M ≤ 16) whose activation memory per device does not exceed the "
+            f"strategy's. Time to target: predicted wall-clock until {target.describe()}, "
+            "per seed (mean ± std; seeds that reached it / all). The curves use the first "
             f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "
-            "steps; its last point is the final evaluation.",
+            "steps; their last point is the final evaluation.",
             "",
             summary,
+            "",
+            "## Predicted throughput",
+            "",
+            render_predictions(rows, K),
             "",
             "## Runs",
             "",
@@ -217,9 +402,42 @@ def plot(path: str, summaries: list[dict], metric: str) -> None:
     plt.close(fig)
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[dict]]:
+def plot_quality_vs_time(
+    path: str,
+    summaries: list[dict],
+    predictions: dict[str, costs.Throughput],
+    target: QualityTarget,
+) -> None:
+    """The quality metric's seed-mean eval curve against predicted wall-clock on K devices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, name in enumerate(dict.fromkeys(s["strategy"] for s in summaries)):
+        curves = [dict(eval_curve(s, target.metric)) for s in summaries if s["strategy"] == name]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [statistics.fmean(c[t] for c in curves) for t in steps]
+        seconds = [t * predictions[name].step_time for t in steps]
+        ax.plot(seconds, mean, color=f"C{i}", lw=2, marker="o", ms=3, label=name)
+    ax.axhline(target.value, color="grey", ls="--", lw=1, label="target")
+    ax.set_xlabel(f"predicted wall-clock (s, {costs.DEFAULT_HARDWARE.name})")
+    ax.set_ylabel(f"test {target.metric}")
+    ax.set_title(f"{summaries[0]['name']}, K={summaries[0]['num_stages']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(
+    config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> tuple[str, list[dict]]:
     """Trains every (strategy, seed) of `config.compare` and writes the report.
 
+    `command`, if given, is the command line that ran this; it goes to command.txt.
     Returns (the per-strategy markdown table, the per-strategy rows).
     """
     runs = run_configs(config)
@@ -232,12 +450,15 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[
         summary = trainer.train_and_evaluate(c, run_dir(workdir, c))
         print(trainer.format_summary(summary), flush=True)
         summaries.append(summary)
-    names = list(dict.fromkeys(s["strategy"] for s in summaries))
-    speedups = predicted_speedups(names, int(config.num_stages), int(config.microbatches))
-    rows = aggregate(summaries, speedups)
-    table, markdown = render_markdown(rows, summaries, config)
+    predictions = predict_runs(runs)
+    target = quality_target(summaries)
+    rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))
+    table, markdown = render_markdown(rows, summaries, config, target)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown)
+    if command is not None:
+        with open(os.path.join(workdir, COMMAND_FILE), "w") as f:
+            f.write(command + "\n")
     write_csv(os.path.join(workdir, "results.csv"), rows)
     per_run = [
         {"strategy": s["strategy"], "seed": s["seed"], **s["test"], "step_time_s": s["step_time_s"]}
@@ -246,4 +467,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[
     write_csv(os.path.join(workdir, "runs.csv"), per_run)
     metric = summaries[0]["metric"]
     plot(os.path.join(workdir, f"test_{metric}.png"), summaries, metric)
+    plot_quality_vs_time(
+        os.path.join(workdir, "quality_vs_time.png"), summaries, predictions, target
+    )
     return table, rows

@@ -34,13 +34,13 @@ from ilbp.engine import Metrics
 from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
-from ilbp.schedule import MaxInFlight, simulate
+from ilbp.schedule import MaxInFlight, OpKind, simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
 
 # trace(kind, k, m, loss, index in the issue order, the op's outputs on stage k)
-TraceFn = Callable[[str, int, int, int | None, int, Any], None]
+TraceFn = Callable[[OpKind, int, int, int | None, int, Any], None]
 
 
 @flax.struct.dataclass
@@ -119,7 +119,9 @@ def issue_order(
     )
     heads = strategy.plan(num_stages).aux_heads
     return [
-        (o.kind, o.stage, o.microbatch, o.loss) for o in sched.timeline if heads or o.kind != "A"
+        (o.kind, o.stage, o.microbatch, o.loss)
+        for o in sched.timeline
+        if heads or o.kind != OpKind.AUX
     ]
 
 
@@ -253,7 +255,7 @@ class MPMDExecutor:
                 del vjps[(m, k)], cots[(m, k)]
 
         for index, (kind, k, m, j) in enumerate(self.order):
-            if kind == "F":
+            if kind == OpKind.FORWARD:
                 x = microbatch(m, 0)[model.input_key] if k == 0 else inputs.pop((m, k))
                 args = (params[k]["stage"], stage_state[k]["stage"], x)
                 if k < K - 1:
@@ -266,7 +268,7 @@ class MPMDExecutor:
                     vjps[(m, k)], stage_state[k]["stage"], dh, mets = out
                     cots.setdefault((m, k), {})[k] = dh
                     stage_metrics[k][m] = mets
-            elif kind == "A":
+            elif kind == OpKind.AUX:
                 g = grad_sum[k]
                 out = self.head[k](
                     params[k]["head"],
@@ -282,18 +284,18 @@ class MPMDExecutor:
                 g["head"], stage_state[k]["head"], dh, mets = out
                 cots.setdefault((m, k), {})[k] = dh
                 stage_metrics[k][m] = mets
-            elif kind == "V":
+            elif kind == OpKind.INPUT_VJP:
                 out = ops.input_vjp_op(vjps[(m, k)], cots[(m, k)][j])
                 send_back(m, k, {j: out})
                 release(m, k)
-            elif kind in ("W", "B"):
+            elif kind in (OpKind.PARAM_VJP, OpKind.BACKWARD):
                 needed = {jj for jj, _ in self.plan[k].train_on}
                 cot = {jj: c for jj, c in cots[(m, k)].items() if jj in needed}
                 out = self.backward[k](vjps[(m, k)], cot, grad_sum[k]["stage"], count(m, k))
                 grad_sum[k]["stage"], sent = out
                 send_back(m, k, sent)
                 release(m, k)
-            elif kind == "U":
+            elif kind == OpKind.UPDATE:
                 # No "head" on the last stage, nor without aux heads (e2e).
                 grads = {name: g for name, g in grad_sum[k].items() if g is not None}
                 mets = [stage_metrics[k][i] for i in sorted(stage_metrics[k])]

@@ -61,10 +61,11 @@ from typing import Any
 import jax
 
 from ilbp.pipeline.mpmd import MPMDExecutor, MPMDState
-from ilbp.schedule import CostModel, simulate
+from ilbp.schedule import CostModel, OpKind, simulate
+from ilbp.schedule_graph import op_name
 from ilbp.stage import Batch
 
-__all__ = ["MeasuredOp", "in_run_costs", "record_timeline", "summarize"]
+__all__ = ["MeasuredOp", "in_run_costs", "record_timeline"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ class MeasuredOp:
       deps: indices (in the returned list) of the ops it depends on in the schedule graph.
     """
 
-    kind: str
+    kind: OpKind
     stage: int
     step: int
     microbatch: int
@@ -99,9 +100,7 @@ class MeasuredOp:
 
     @property
     def name(self) -> str:
-        j = "" if self.loss is None else f"[{self.loss}]"
-        m = "" if self.microbatch < 0 else f",m{self.microbatch}"
-        return f"{self.kind}{j}(t{self.step}{m},k{self.stage})"
+        return op_name(self.kind, self.step, self.microbatch, self.stage, self.loss)
 
 
 def record_timeline(
@@ -121,7 +120,7 @@ def record_timeline(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1; got {steps!r}.")
     K = executor.model.num_stages
-    issued: list[tuple[str, int, int, int | None, int, float, float]] = []
+    issued: list[tuple[OpKind, int, int, int | None, int, float, float]] = []
     completed: list[float] = []  # per issued op; filled in by the watchers
     errors: list[BaseException] = []
     queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(K)]
@@ -146,7 +145,7 @@ def record_timeline(
     t0 = last = time.perf_counter()  # t = 0: the first step's call
     t = 0  # the step being issued, read by `trace`
 
-    def trace(kind: str, k: int, m: int, loss: int | None, _: int, outputs: Any) -> None:
+    def trace(kind: OpKind, k: int, m: int, loss: int | None, _: int, outputs: Any) -> None:
         nonlocal last
         now = time.perf_counter()
         issued.append((kind, k, m, loss, t, now, now - last))
@@ -174,7 +173,7 @@ def record_timeline(
 def _derive(
     executor: MPMDExecutor,
     steps: int,
-    issued: Sequence[tuple[str, int, int, int | None, int, float, float]],
+    issued: Sequence[tuple[OpKind, int, int, int | None, int, float, float]],
     completed: Sequence[float],
 ) -> list[MeasuredOp]:
     """Ends tightened through dependents, starts from issue, device order and deps."""
@@ -188,8 +187,9 @@ def _derive(
         fused_backward=True,
         max_in_flight=executor.max_in_flight,
     ).timeline
-    key = lambda kind, k, t, m, loss: (kind, k, t, m, loss)
-    index = {key(kind, k, t, m, loss): i for i, (kind, k, m, loss, t, _, _) in enumerate(issued)}
+    index = {
+        op_name(kind, t, m, k, loss): i for i, (kind, k, m, loss, t, _, _) in enumerate(issued)
+    }
     if len(index) != len(issued) or len(graph) != len(issued):
         raise RuntimeError(
             f"Traced {len(issued)} ops ({len(index)} distinct), the schedule model has "
@@ -197,10 +197,8 @@ def _derive(
         )
     deps: list[tuple[int, ...]] = [()] * len(issued)
     for op in graph:
-        i = index[key(op.kind, op.stage, op.step, op.microbatch, op.loss)]
-        deps[i] = tuple(
-            sorted(index[key(d.kind, d.stage, d.step, d.microbatch, d.loss)] for d, _ in op.deps)
-        )
+        i = index[op.name]
+        deps[i] = tuple(sorted(index[d.name] for d, _ in op.deps))
         if any(d >= i for d in deps[i]):
             raise RuntimeError(f"{op.name} was issued before an op it depends on.")
     # Each op's previous op on its device, and everything that must finish after it.
@@ -226,27 +224,6 @@ def _derive(
     return out
 
 
-def summarize(ops: Sequence[MeasuredOp], num_stages: int) -> tuple[float, tuple[float, ...]]:
-    """(period, busy) as `ilbp.schedule.Schedule` defines them, from a measured timeline.
-
-    period: mean gap between the completions of the later half of the steps (ms; the
-    last step's end for one step); busy: per device, its derived op time per steady
-    step over the period.
-    """
-    T = 1 + max(o.step for o in ops)
-    done = [0.0] * T
-    for o in ops:
-        done[o.step] = max(done[o.step], o.end)
-    first = (T - 1) // 2
-    period = done[0] if T == 1 else (done[T - 1] - done[first]) / (T - 1 - first)
-    work = [0.0] * num_stages
-    for o in ops:
-        if o.step > first or T == 1:
-            work[o.stage] += o.cost
-    steady = max(T - 1 - first, 1)
-    return period, tuple(w / steady / period if period > 0 else 0.0 for w in work)
-
-
 def in_run_costs(ops: Sequence[MeasuredOp], num_stages: int, skip_steps: int = 1) -> CostModel:
     """The schedule model's per-op costs as the ops ran in a measured timeline (ms).
 
@@ -260,20 +237,20 @@ def in_run_costs(ops: Sequence[MeasuredOp], num_stages: int, skip_steps: int = 1
     """
     if not any(o.step >= skip_steps for o in ops):
         raise ValueError(f"No ops from step {skip_steps} on; record more steps.")
-    durations: dict[tuple[str, int], list[float]] = {}
+    durations: dict[tuple[OpKind, int], list[float]] = {}
     for o in ops:
         if o.step >= skip_steps:
             durations.setdefault((o.kind, o.stage), []).append(o.cost)
 
-    def median(kind: str, k: int) -> float:
+    def median(kind: OpKind, k: int) -> float:
         return statistics.median(durations.get((kind, k), [0.0]))
 
     per_stage = lambda kind: tuple(median(kind, k) for k in range(num_stages))
     return CostModel.from_measured(
-        per_stage("F"),
-        per_stage("V"),
-        per_stage("W"),
-        fused_vjp=per_stage("B"),
-        aux=per_stage("A"),
-        update=per_stage("U"),
+        per_stage(OpKind.FORWARD),
+        per_stage(OpKind.INPUT_VJP),
+        per_stage(OpKind.PARAM_VJP),
+        fused_vjp=per_stage(OpKind.BACKWARD),
+        aux=per_stage(OpKind.AUX),
+        update=per_stage(OpKind.UPDATE),
     )

@@ -1,0 +1,1 @@
+"""Repository scripts: set-up, tests, README figures and result tables."""

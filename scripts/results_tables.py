@@ -1,0 +1,147 @@
+"""Fills the README's result tables from the committed `docs/results/<name>/` files.
+
+    python -m scripts.results_tables            # rewrite README.md's tables
+    python -m scripts.results_tables --check    # exit 1 if README.md is out of date
+
+Each table sits between `<!-- results:<name> -->` and `<!-- /results -->` in README.md
+and is generated from `docs/results/<name>/`, the output of `experiments.compare`:
+runs.csv (every run's final test metrics), results.csv (per-strategy predictions and
+time to quality) and command.txt (the command that produced them). Every test number
+is the mean ± sample std over seeds; the recovery ratio (pairwise − local)/(e2e − local)
+of the quality metric (test accuracy; test loss for LMs) is taken per seed, then
+averaged. A marker whose directory does not exist yet renders as a one-line note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+
+from experiments.lib.report import COMMAND_FILE, format_seconds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join("docs", "results")
+MARKER = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def _read_csv(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _spread(values: Sequence[float], digits: int = 4) -> str:
+    """mean ± sample std (n); the std is omitted for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f} (n=1)"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f} (n={len(values)})"
+
+
+def quality_metric(runs: list[dict[str, str]]) -> str:
+    """Test accuracy for classifiers, test loss for LMs (runs with a perplexity)."""
+    return "loss" if "perplexity" in runs[0] else "accuracy"
+
+
+def recovery(runs: list[dict[str, str]], metric: str) -> list[float]:
+    """Per seed that e2e, local and pairwise all ran: (pairwise − local)/(e2e − local)."""
+    by = {(r["strategy"], r["seed"]): float(r[metric]) for r in runs}
+    seeds = sorted({seed for _, seed in by}, key=int)
+    ratios = []
+    for seed in seeds:
+        try:
+            e2e, local, pairwise = (by[s, seed] for s in ("e2e", "local", "pairwise"))
+        except KeyError:
+            continue
+        if e2e != local:
+            ratios.append((pairwise - local) / (e2e - local))
+    return ratios
+
+
+def render(name: str, root: str = ROOT) -> str:
+    """The markdown between the markers of `name` (module docstring)."""
+    directory = os.path.join(root, RESULTS_DIR, name)
+    if not os.path.isdir(directory):
+        return f"_No committed results yet: `{RESULTS_DIR}/{name}/` will hold them._\n"
+    runs = _read_csv(os.path.join(directory, "runs.csv"))
+    rows = {r["strategy"]: r for r in _read_csv(os.path.join(directory, "results.csv"))}
+    with open(os.path.join(directory, COMMAND_FILE)) as f:
+        command = f.read().strip()
+    text = "perplexity" in runs[0]
+    metrics = ["loss", "perplexity"] + (["bits_per_byte"] if "bits_per_byte" in runs[0] else [])
+    metrics = metrics if text else ["accuracy"]
+    head = [f"test {m}" for m in metrics] + [
+        "pred. ×e2e split, M=1",
+        "pred. ×best e2e pipeline (schedule, M)",
+        "activations / device (strategy / pipeline)",
+        "pred. time to target",
+    ]
+    lines = ["| strategy | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for strategy, row in rows.items():
+        mine = [r for r in runs if r["strategy"] == strategy]
+        cells = [_spread([float(r[m]) for r in mine]) for m in metrics]
+        cells += _prediction_cells(row)
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    metric = quality_metric(runs)
+    ratios = recovery(runs, metric)
+    ratio = _spread(ratios, 3) if ratios else "n/a (needs e2e, local and pairwise runs)"
+    return "\n".join(
+        [
+            f"`{command}`",
+            "",
+            *lines,
+            "",
+            f"Recovery (pairwise − local)/(e2e − local) of test {metric}: {ratio}. "
+            f"Files: [`{RESULTS_DIR}/{name}/`]({RESULTS_DIR}/{name}/results.md).",
+            "",
+        ]
+    )
+
+
+def _prediction_cells(row: dict[str, str]) -> list[str]:
+    if row["pred_pipeline"]:
+        best = f"{float(row['pred_vs_pipeline']):.2f} ({row['pred_pipeline']}, "
+        best += f"M={row['pred_pipeline_microbatches']})"
+        pipeline_memory = f"{float(row['pred_pipeline_activation_MiB']):.3g} MiB"
+    else:
+        best, pipeline_memory = "none fits", "–"
+    memory = f"{float(row['pred_activation_MiB']):.3g} MiB / {pipeline_memory}"
+    mean, std = float(row["time_to_target_s_mean"]), float(row["time_to_target_s_std"])
+    if math.isnan(mean):
+        reach = f"not reached ({row['target_reached']})"
+    else:
+        spread = "" if math.isnan(std) else f" ± {format_seconds(std)}"
+        reach = f"{format_seconds(mean)}{spread} ({row['target_reached']})"
+    return [f"{float(row['pred_vs_e2e_split_M1']):.2f}", best, memory, reach]
+
+
+def fill(readme: str, root: str = ROOT) -> str:
+    """`readme` with every marked table regenerated."""
+    return MARKER.sub(lambda m: m.group(1) + render(m.group("name"), root) + m.group(4), readme)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = parser.parse_args(argv)
+    with open(args.readme) as f:
+        current = f.read()
+    wanted = fill(current, os.path.dirname(os.path.abspath(args.readme)))
+    if args.check:
+        if wanted != current:
+            print(f"{args.readme} is out of date: run python -m scripts.results_tables")
+            return 1
+        return 0
+    with open(args.readme, "w") as f:
+        f.write(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
