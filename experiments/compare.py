@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.lib import distributed
 from experiments.lib.checkpoints import ExperimentError
 from experiments.lib.report import compare
 from ilbp.data import DataMissingError
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", "compare", config.name or "experiment")
     try:
+        distributed.initialize_from_flags()  # before any other JAX call
         table, _ = compare(config, workdir)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
