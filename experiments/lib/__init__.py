@@ -2,6 +2,7 @@
 
 builders     config -> strategy, optimizer, data, model, executor
 checkpoints  Orbax checkpoints with a compatibility fingerprint; workdir checks
+distributed  multi-process start-up flags (jax.distributed.initialize)
 metrics      JSONL + TensorBoard writer, evaluation over a split
 trainer      `train_and_evaluate(config, workdir)`: one run, resumable
 report       `compare(config, workdir)`: strategies x seeds -> results.md/.csv/.png

@@ -310,8 +310,8 @@ def eval_batches(
     """One in-order pass over every example; the last batch zero-padded with "mask" 0.
 
     Every batch has "mask" float32 [b] and "weights" (see the module docstring); sum
-    metrics weighted by them for exact totals over the split. Across the shards of a
-    step every example appears exactly once (the shards of the last step may hold only
+    metrics weighted by them for exact totals over the split. Over all steps and shards
+    every example appears exactly once (a shard's rows of the last step may all be
     padding), and every shard runs the same number of steps.
     """
     return BatchIterator(
