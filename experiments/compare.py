@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.lib import distributed
 from experiments.lib.checkpoints import ExperimentError
 from experiments.lib.cli import parse_flags
 from experiments.lib.report import compare
@@ -40,6 +41,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", "compare", config.name or "experiment")
     try:
+        distributed.initialize_from_flags()  # before any other JAX call
         command = shlex.join(["python", "-m", "experiments.compare", *sys.argv[1:]])
         table, _ = compare(config, workdir, command)
     except (ExperimentError, DataMissingError, ValueError) as e:

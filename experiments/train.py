@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.lib import distributed
 from experiments.lib.checkpoints import ExperimentError
 from experiments.lib.cli import parse_flags
 from experiments.lib.trainer import format_summary, train_and_evaluate
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
+        distributed.initialize_from_flags()  # before any other JAX call
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")

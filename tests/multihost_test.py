@@ -1,0 +1,162 @@
+"""Multi-process start-up, meshes over every process and process-local batches.
+
+In-process tests run on the 8 fake CPU devices of tests/conftest.py; the multi-process
+ones start 2 processes × 4 CPU devices on localhost through `experiments.launch`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import ilbp
+from experiments.launch import free_port
+from experiments.lib import distributed
+from ilbp import data
+from ilbp.mesh import DATA_AXIS, batch_sharding, global_batch, process_batch_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=experiments/configs/fashion_mnist_resnet.py"
+
+
+def _run(*args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    return out, time.monotonic() - start
+
+
+def _launch(case: str, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    return _run(
+        "experiments.launch", "--num_processes=2", "--devices_per_process=4", *extra,
+        "--module=tests.multihost_worker", "--", f"--case={case}",
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def test_multi_process_mesh_must_use_every_device(monkeypatch):
+    ilbp.make_mesh(data=2, stage=2)  # one process may use a subset
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"stage=2 × data=2 .* make stage × data = 8"):
+        ilbp.make_mesh(data=2, stage=2)
+    assert ilbp.make_mesh(data=4, stage=2).devices.size == 8
+    with pytest.raises(ValueError, match="does not fit the 8 available devices"):
+        ilbp.make_mesh(data=8, stage=2)
+
+
+def test_global_batch_from_one_process():
+    mesh = ilbp.make_mesh(data=4, stage=2)
+    assert process_batch_shard(mesh) == (0, 1)
+    src = data.ArraySource(
+        {"inputs": np.arange(40, dtype=np.float32).reshape(20, 2), "label": np.arange(20)},
+        data.DatasetInfo(kind="image", example_shape=(2,), num_classes=20),
+    )
+    local = next(data.batches(src, 8, seed=0, process_index=0, process_count=1))
+    batch = global_batch(local, mesh)
+    assert batch["inputs"].sharding == batch_sharding(mesh)
+    assert batch["inputs"].sharding.spec == jax.P(DATA_AXIS)
+    np.testing.assert_array_equal(np.asarray(batch["inputs"]), local["inputs"])
+    for shard in batch["label"].addressable_shards:  # 2 rows on each device
+        np.testing.assert_array_equal(shard.data, local["label"][shard.index])
+        assert shard.data.shape == (2,)
+
+
+def test_two_processes_assemble_the_global_batch():
+    """Data-parallel across processes (each loads half) and stage across processes (each
+    loads all): the gathered global batch is the single-process one; eval sees every
+    example once; a mesh of half the devices is refused."""
+    out, _ = _launch("batches")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "[0] OK 0 [(0, 2), (0, 1), (0, 1)]" in out.stdout
+    assert "[1] OK 1 [(1, 2), (0, 1), (0, 1)]" in out.stdout
+
+
+# ---------------------------------------------------------------------------- launch
+
+
+def test_launch_stops_the_others_when_a_process_dies():
+    out, seconds = _launch("fail", "--grace_s=2")
+    assert out.returncode == 3, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "[launch] process 1 exited with status 3; stopping the others." in out.stderr
+    assert seconds < 90  # start-up, then at most 2 × grace_s to stop process 0
+
+
+# ----------------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("localhost:1234", 2, 2), r"--process_id=2 is out of range: .* ids are 0\.\.1"),
+        (("localhost:1234", 2, -1), "--process_id=-1 is out of range"),
+        (("localhost:1234", None, 0), "--num_processes missing"),
+        ((None, 2, 0), "--coordinator_address missing"),
+        (("localhost", 2, 0), "is not HOST:PORT"),
+        (("localhost:1234", 0, 0), "--num_processes=0 must be ≥ 1"),
+    ],
+)
+def test_bad_process_flags(monkeypatch, args, message):
+    monkeypatch.setattr(jax.distributed, "initialize", pytest.fail)
+    with pytest.raises(ValueError, match=message):
+        distributed.initialize(*args)
+
+
+def test_one_process_initializes_nothing(monkeypatch):
+    for name in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", pytest.fail)
+    assert distributed.detected_cluster() is None
+    assert not distributed.initialize()
+    assert not distributed.initialize("localhost:1234", 1, 0)
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_slurm_job_is_detected(monkeypatch, tasks):
+    """JAX's own SLURM detector: a 2-task step initializes with no explicit arguments."""
+    env = dict(
+        SLURM_JOB_ID="42", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(tasks),
+        SLURM_PROCID="0", SLURM_LOCALID="0",
+    )  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert distributed.detected_cluster().__name__ == "SlurmCluster"
+    assert distributed.initialize(timeout_s=7) == (tasks == 2)
+    assert calls == ([{"initialization_timeout": 7}] if tasks == 2 else [])
+
+
+def test_unreachable_coordinator_fails_fast_with_the_reason(tmp_path):
+    """Through experiments.train: a bounded wait, a clear message, no workdir created."""
+    address = f"localhost:{free_port()}"
+    out, seconds = _run(
+        "experiments.train", CONFIG, f"--workdir={tmp_path / 'run'}",
+        f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+        "--coordinator_timeout_s=2",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert f"error: No coordinator answered at {address} within 2 s" in out.stderr
+    assert "Start process 0 (--process_id=0)" in out.stderr
+    assert seconds < 90 and not (tmp_path / "run").exists()
+
+
+def test_compare_refuses_a_process_id_out_of_range(tmp_path):
+    out, _ = _run(
+        "experiments.compare", CONFIG, f"--workdir={tmp_path / 'cmp'}",
+        "--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "error: --process_id=2 is out of range" in out.stderr
+    assert not (tmp_path / "cmp").exists()
