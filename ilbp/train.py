@@ -149,7 +149,8 @@ def make_train_step(
     (for lowering and cost analysis).
 
     Metrics: "loss", "accuracy" (final head), "aux/k/loss", "aux/k/accuracy", and per
-    stage "grad_norm/k" (of θ_k) and "param_norm/k".
+    stage "grad_norm/k" (of θ_k), "update_norm/k" (of the change of θ_k this step) and
+    "param_norm/k".
     """
     K = model.num_stages
     strategy.check(K)
@@ -174,6 +175,7 @@ def make_train_step(
             params.append(optax.apply_updates(ts.params[k], updates))
             opt_state.append(opt)
             metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
+            metrics[f"update_norm/{k}"] = optax.tree.norm(updates["stage"])
             metrics[f"param_norm/{k}"] = optax.tree.norm(params[k]["stage"])
         new = TrainState(ts.step + 1, tuple(params), new_state, tuple(opt_state), ts.rng)
         return new, metrics

@@ -102,7 +102,7 @@ def backward_op(stage_plan: StagePlan) -> Callable:
 def update_op(tx: optax.GradientTransformation, k: int, microbatches: int) -> Callable:
     """U: mean gradient, optimizer update and the stage's step metrics:
     (params, opt_state, grad_sum, step, metrics_list) -> (params, opt_state, step + 1,
-    metrics) where metrics are the mean over microbatches plus grad/param norms."""
+    metrics) where metrics are the mean over microbatches plus grad/update/param norms."""
 
     def update(params, opt_state, grad_sum, step, metrics_list):
         grads = jax.tree.map(lambda g: g / microbatches, grad_sum) if microbatches > 1 else grad_sum
@@ -113,6 +113,7 @@ def update_op(tx: optax.GradientTransformation, k: int, microbatches: int) -> Ca
             for name in metrics_list[0]
         }
         metrics[f"grad_norm/{k}"] = optax.tree.norm(grads["stage"])
+        metrics[f"update_norm/{k}"] = optax.tree.norm(updates["stage"])
         metrics[f"param_norm/{k}"] = optax.tree.norm(params["stage"])
         return params, opt_state, step + 1, metrics
 

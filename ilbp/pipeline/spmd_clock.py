@@ -191,7 +191,7 @@ def stage_program(
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params[PROLOGUE] = _where(k == 0, params[PROLOGUE], jnp.nan)
-        return params, opt_state, stage_norm(grads), stage_norm(params)
+        return params, opt_state, stage_norm(grads), stage_norm(updates), stage_norm(params)
 
     def tick(tau, carry):
         params, opt_state, x_in, cot_in, res, cots, grads, hgrads, sums = carry
@@ -288,10 +288,11 @@ def stage_program(
         # 6. after the last parameter VJP of step s: update θ_k, φ_k; restart the sums
         def do_update(args):
             params, opt_state, grads, hgrads, sums = args
-            params, opt_state, g_norm, p_norm = update(params, opt_state, grads, hgrads)
+            params, opt_state, g_norm, u_norm, p_norm = update(params, opt_state, grads, hgrads)
             sums = {
                 **sums,
                 "grad_norm": sums["grad_norm"].at[s].set(g_norm),
+                "update_norm": sums["update_norm"].at[s].set(u_norm),
                 "param_norm": sums["param_norm"].at[s].set(p_norm),
             }
             return params, opt_state, zeros(grads), zeros(hgrads), sums
@@ -313,6 +314,7 @@ def stage_program(
         "loss": jnp.zeros((T,)),
         "loss_fn": jax.tree.map(per_step, mets_shape),
         "grad_norm": jnp.zeros((T,)),
+        "update_norm": jnp.zeros((T,)),
         "param_norm": jnp.zeros((T,)),
     }
     cot_in0 = jnp.full((max(n_ - 1, 1), *h_shape.shape), jnp.nan, h_shape.dtype)
@@ -332,6 +334,7 @@ def stage_program(
         "loss": sums["loss"] / M,
         "loss_fn": jax.tree.map(lambda v: v / M, sums["loss_fn"]),
         "grad_norm": sums["grad_norm"],
+        "update_norm": sums["update_norm"],
         "param_norm": sums["param_norm"],
     }
     add = lambda t: jax.tree.map(lambda x: x[None], t)
