@@ -162,5 +162,7 @@ def transformer_model(
             num_heads=num_heads,
             d_ff=d_ff,  # 0: 4 * d_model
             positions="learned",
+            aux_head="norm_unembed",  # ilbp.models.transformer.LM_HEADS
+            dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters: float32)
         )
     )

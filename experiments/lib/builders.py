@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -22,12 +23,14 @@ import ilbp
 from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
 from ilbp.models.resnet_stages import BALANCES
+from ilbp.models.transformer import LM_HEADS
 from ilbp.pipeline import make_executor
 from ilbp.stage import StagedModel
 
 EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
 MODEL_KINDS: tuple[str, ...] = ("resnet", "transformer")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 def build_strategy(config: ml_collections.ConfigDict) -> ilbp.Strategy:
@@ -49,6 +52,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"Unknown model.balance {config.model.balance!r}; choose one of {BALANCES}."
         )
+    if config.model.kind == "transformer":
+        m = config.model
+        if m.get("aux_head", LM_HEADS[0]) not in LM_HEADS:
+            raise ValueError(f"Unknown model.aux_head {m.aux_head!r}; choose one of {LM_HEADS}.")
+        if m.get("dtype", DTYPES[0]) not in DTYPES:
+            raise ValueError(f"Unknown model.dtype {m.dtype!r}; choose one of {DTYPES}.")
     if config.optimizer.name not in OPTIMIZERS:
         raise ValueError(
             f"Unknown optimizer {config.optimizer.name!r}; choose one of {OPTIMIZERS}."
@@ -180,8 +189,9 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> St
         num_heads=int(m.num_heads),
         d_ff=int(m.d_ff) or None,
         positions=m.positions,
+        dtype=jnp.dtype(m.get("dtype", "float32")),
     )
-    return transformer_lm(lm, K)
+    return transformer_lm(lm, K, aux_head=m.get("aux_head", LM_HEADS[0]))
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
