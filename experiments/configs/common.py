@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.eval_every_steps = 0  # 0: only the final evaluation
     c.eval_examples = 0  # intermediate evals use the first N test examples (0: all)
+    c.final_eval_examples = 0  # the final eval uses the first N test examples (0: all)
     c.log_every_steps = 1  # JSONL/TensorBoard train metrics
     c.checkpoint_every_steps = 100
     c.max_to_keep = 2
