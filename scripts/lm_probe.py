@@ -15,7 +15,10 @@ For every checkpoint of every named run, on one fixed batch of 64 training windo
   strategy's gradient through AdamW/SGD, clipping and the schedule at that step);
 * cos(u_k, -g[k][j]): > 0 means stage k's update descends L_j to first order;
 * dL[k][j] = L_j(θ with only θ_k updated) - L_j(θ): the actual effect of stage k's step;
-* rms(h_k) of every stage's output, and rms(h_k - h_{k-1}) (what stage k adds).
+* rms(h_k) of every stage's output, and rms(h_k - h_{k-1}) (what stage k adds);
+* d L_j/d c at c = 1 with h_k scaled by c (j > k): < 0 means loss j gains when h_k
+  grows, i.e. when the writes of stages k+1..j are diluted (every block and head reads
+  its input through a LayerNorm, so only the ratio of h_k to later writes matters).
 
 Rows: run, step, kind, k, j, value (CSV, long format).
 """
@@ -94,6 +97,29 @@ def probe_run(runs_dir: str, name: str, out) -> None:
             hs.append(h)
         return hs
 
+    @jax.jit
+    def scale_slopes(params, state, batch):
+        """d L_j / d c at c = 1 with h_k replaced by c·h_k, for k < K - 1 and j > k."""
+        loss = lambda j, logits: model.head_loss(j)(logits, batch)[0]
+
+        def losses_after(k, c, h):
+            out, h = {}, c * h
+            for j in range(k + 1, K):
+                h, _ = model.stages[j].apply(params[j]["stage"], state[j]["stage"], h, None, False)
+                logits = h
+                if j < K - 1:
+                    logits, _ = model.heads[j].apply(
+                        params[j]["head"], state[j]["head"], h, None, False
+                    )
+                out[j] = loss(j, logits)
+            return out
+
+        hs = activations(params, state, batch)
+        return {
+            k: jax.jacfwd(lambda c, k=k: losses_after(k, c, hs[k]))(jnp.float32(1.0))
+            for k in range(K - 1)
+        }
+
     def emit(step, kind, k, j, value):
         out.write(f"{name},{step},{kind},{k},{j},{value:.6g}\n")
         out.flush()
@@ -122,6 +148,9 @@ def probe_run(runs_dir: str, name: str, out) -> None:
             emit(step, "act_rms", k, -1, float(jnp.sqrt(jnp.mean(h**2))))
             if k:
                 emit(step, "delta_rms", k, -1, float(jnp.sqrt(jnp.mean((h - hs[k - 1]) ** 2))))
+        for k, slopes in scale_slopes(ts.params, ts.state, batch).items():
+            for j, slope in slopes.items():
+                emit(step, "scale_slope", k, j, float(slope))
         for j in range(K):
             emit(step, "loss", -1, j, float(base[loss_name(j)]))
         print(f"{name} step {step} done", file=sys.stderr, flush=True)

@@ -21,12 +21,11 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "docs", "results", "lm_last_rule")
 CONFIG = "experiments/configs/stdlib_lm.py"
-STEPS = 400
-# Every run: 400 steps, progress bar off, intermediate evals on 512 test windows every
-# 100 steps, the final eval on the first 2048 test windows, a checkpoint every 50 steps
-# (all kept) for the offline probes (scripts/lm_probe.py).
+# Every run: progress bar off, intermediate evals on 512 test windows every 100 steps,
+# the final eval on the first 2048 test windows, a checkpoint every 50 steps (all kept)
+# for the offline probes (scripts/lm_probe.py). The core runs train 400 steps, the
+# sweeps 200 (the cosine schedule then ends at 200) against 200-step references.
 COMMON = (
-    f"--config.num_train_steps={STEPS}",
     "--config.progress_bar=False",
     "--config.final_eval_examples=2048",
     "--config.checkpoint_every_steps=50",
@@ -36,33 +35,74 @@ LR = "--config.optimizer.learning_rate="
 SEED1 = "--config.seed=1"
 
 
-def _run(arg: str, *overrides: str) -> tuple[str, tuple[str, ...]]:
-    return arg, overrides
+def _run(arg: str, *overrides: str, steps: int = 200) -> tuple[str, tuple[str, ...]]:
+    return arg, (f"--config.num_train_steps={steps}", *overrides)
 
 
 # name -> (config arg, overrides). Groups run in the order given on the command line.
+OPT = "--config.optimizer."
+SGD = (OPT + "name=sgd", LR + "0.1")  # momentum 0.9, same warmup, cosine and clipping
+L8 = "--config.model.num_layers=8"
 GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "core": {
-        "global": _run("global,k=4"),
-        "pairwise": _run("pairwise,k=4"),
-        "pairwise_sum": _run("pairwise,k=4,combine=sum"),
-        "local": _run("local,k=4"),
+        "global": _run("global,k=4", steps=400),
+        "pairwise": _run("pairwise,k=4", steps=400),
+        "pairwise_sum": _run("pairwise,k=4,combine=sum", steps=400),
+        "local": _run("local,k=4", steps=400),
+    },
+    "ref200": {
+        "global_200": _run("global,k=4"),
+        "pairwise_200": _run("pairwise,k=4"),
+        "pairwise_sum_200": _run("pairwise,k=4,combine=sum"),
+        "local_200": _run("local,k=4"),
+    },
+    "mech": {
+        "pairwise_head_unembed": _run("pairwise,k=4", "--config.model.aux_head=unembed"),
+        "pairwise_sgd": _run("pairwise,k=4", *SGD),
+        "global_sgd": _run("global,k=4", *SGD),
+        "pairwise_wd0": _run("pairwise,k=4", OPT + "weight_decay=0"),
+        "pairwise_aux0.1": _run("pairwise,k=4", "--config.aux_weight=0.1"),
+    },
+    "rules": {
         "3wise": _run("3wise,k=4"),
-        "pairwise_mean": _run("pairwise,k=4,combine=mean"),
         "3wise_sum": _run("3wise,k=4,combine=sum"),
+        "pairwise_mean": _run("pairwise,k=4,combine=mean"),
+    },
+    "depth": {
+        "pairwise_k2": _run("pairwise,k=2"),
+        "pairwise_k8": _run("pairwise,k=8", L8),
+        "pairwise_sum_k8": _run("pairwise,k=8,combine=sum", L8),
+        "local_k8": _run("local,k=8", L8),
+        "global_k8": _run("global,k=8", L8),
     },
     "optim": {
-        "pairwise_wd0": _run("pairwise,k=4", "--config.optimizer.weight_decay=0"),
         "pairwise_lr1e-3": _run("pairwise,k=4", LR + "1e-3"),
-        "pairwise_warmup200": _run("pairwise,k=4", "--config.optimizer.warmup_steps=200"),
-        "pairwise_noclip": _run("pairwise,k=4", "--config.optimizer.grad_clip_norm=0"),
-        "pairwise_lr3e-4": _run("pairwise,k=4", LR + "3e-4"),
+        "pairwise_warmup200": _run("pairwise,k=4", OPT + "warmup_steps=200"),
+        "pairwise_noclip": _run("pairwise,k=4", OPT + "grad_clip_norm=0"),
+        "pairwise_aux3": _run("pairwise,k=4", "--config.aux_weight=3"),
+    },
+    "heads": {
+        "pairwise_head_block": _run("pairwise,k=4", "--config.model.aux_head=block_norm_unembed"),
+        "pairwise_sum_head_unembed": _run(
+            "pairwise,k=4,combine=sum", "--config.model.aux_head=unembed"
+        ),
+        "local_head_unembed": _run("local,k=4", "--config.model.aux_head=unembed"),
+    },
+    "dtype": {
+        "pairwise_bf16": _run("pairwise,k=4", "--config.model.dtype=bfloat16"),
+        "global_bf16": _run("global,k=4", "--config.model.dtype=bfloat16"),
     },
     "seed1": {
-        "pairwise_seed1": _run("pairwise,k=4", SEED1),
-        "pairwise_sum_seed1": _run("pairwise,k=4,combine=sum", SEED1),
-        "local_seed1": _run("local,k=4", SEED1),
-        "global_seed1": _run("global,k=4", SEED1),
+        "pairwise_200_seed1": _run("pairwise,k=4", SEED1),
+        "pairwise_sum_200_seed1": _run("pairwise,k=4,combine=sum", SEED1),
+        "local_200_seed1": _run("local,k=4", SEED1),
+        "global_200_seed1": _run("global,k=4", SEED1),
+    },
+    "seed1_400": {
+        "pairwise_seed1": _run("pairwise,k=4", SEED1, steps=400),
+        "pairwise_sum_seed1": _run("pairwise,k=4,combine=sum", SEED1, steps=400),
+        "local_seed1": _run("local,k=4", SEED1, steps=400),
+        "global_seed1": _run("global,k=4", SEED1, steps=400),
     },
 }
 
@@ -91,13 +131,18 @@ def cmd_list() -> None:
 
 
 def cmd_run(runs_dir: str, groups: list[str]) -> None:
-    for group in groups:
-        for name, (arg, overrides) in GROUPS[group].items():
-            if os.path.exists(os.path.join(runs_dir, name, "summary.json")):
-                continue
-            cmd = command(name, runs_dir, arg, overrides)
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=False)
+    """Trains the named groups' (or single runs') missing runs, in the order given."""
+    specs = all_runs()
+    names = [n for g in groups for n in GROUPS.get(g, [g])]
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        sys.exit(f"Unknown groups or runs {unknown}; see `python scripts/lm_study.py list`.")
+    for name in dict.fromkeys(names):
+        if os.path.exists(os.path.join(runs_dir, name, "summary.json")):
+            continue
+        cmd = command(name, runs_dir, *specs[name])
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=False)
 
 
 def read_jsonl(path: str) -> list[dict]:
