@@ -15,7 +15,8 @@ For every checkpoint of every named run, on one fixed batch of 64 training windo
   strategy's gradient through AdamW/SGD, clipping and the schedule at that step);
 * cos(u_k, -g[k][j]): > 0 means stage k's update descends L_j to first order;
 * dL[k][j] = L_j(θ with only θ_k updated) - L_j(θ): the actual effect of stage k's step;
-* rms(h_k) of every stage's output, and rms(h_k - h_{k-1}) (what stage k adds);
+* rms(h_k) of every stage's output, and rms(h_k - h_{k-1}) (what stage k adds), and
+  the share of h_k's energy in its mean over tokens and positions;
 * d L_j/d c at c = 1 with h_k scaled by c (j > k): < 0 means loss j gains when h_k
   grows, i.e. when the writes of stages k+1..j are diluted (every block and head reads
   its input through a LayerNorm, so only the ratio of h_k to later writes matters).
@@ -146,6 +147,9 @@ def probe_run(runs_dir: str, name: str, out) -> None:
         hs = activations(ts.params, ts.state, batch)
         for k, h in enumerate(hs):
             emit(step, "act_rms", k, -1, float(jnp.sqrt(jnp.mean(h**2))))
+            # Share of h_k's energy in the one vector common to every token and position.
+            common = jnp.sum(jnp.mean(h, axis=(0, 1)) ** 2) / jnp.mean(jnp.sum(h**2, -1))
+            emit(step, "common_share", k, -1, float(common))
             if k:
                 emit(step, "delta_rms", k, -1, float(jnp.sqrt(jnp.mean((h - hs[k - 1]) ** 2))))
         for k, slopes in scale_slopes(ts.params, ts.state, batch).items():

@@ -107,6 +107,10 @@ GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 }
 
 
+# The runs whose checkpoints scripts/lm_probe.py reads (outputs: OUT/probe_NAME.csv).
+PROBED = ("global", "local", "pairwise", "pairwise_sum", "pairwise_head_unembed", "pairwise_sgd")
+
+
 def command(name: str, runs_dir: str, arg: str, overrides: tuple[str, ...]) -> list[str]:
     return [
         sys.executable,
@@ -325,6 +329,61 @@ def fig_final(runs: dict[str, dict], path: str, unigram: float) -> None:
     plt.close(fig)
 
 
+def read_probe(path: str) -> dict[tuple[str, int, int], list[tuple[int, float]]]:
+    """(kind, k, j) -> [(step, value)] from a scripts/lm_probe.py CSV."""
+    import csv
+
+    out: dict[tuple[str, int, int], list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["kind"], int(r["k"]), int(r["j"]))
+            out.setdefault(key, []).append((int(r["step"]), float(r["value"])))
+    return out
+
+
+def fig_probe(names: list[str], path: str) -> None:
+    """Per probed run: activation scale, dilution slope, and whose loss each stage's
+    update lowers (docs/results/lm_last_rule/probe_NAME.csv)."""
+    import matplotlib.pyplot as plt
+
+    names = [n for n in names if os.path.exists(os.path.join(OUT, f"probe_{n}.csv"))]
+    panels = [
+        ("act_rms", "rms of stage k's output h_k", "log"),
+        ("scale_slope", "dL_{k+1}/dc, h_k -> c h_k (c = 1)", "symlog"),
+        ("cos_update", "cos(u_k, -dL_final/dθ_k)", "linear"),
+        ("dloss", "L_final change from stage k's step", "symlog"),
+    ]
+    fig, axes = plt.subplots(len(panels), len(names), figsize=(3.4 * len(names), 9.5))
+    axes = axes.reshape(len(panels), len(names))
+    for c, name in enumerate(names):
+        probe = read_probe(os.path.join(OUT, f"probe_{name}.csv"))
+        K = 1 + max(k for (_, k, _) in probe)
+        for r, (kind, label, scale) in enumerate(panels):
+            ax = axes[r, c]
+            for k in range(K):
+                j = {"act_rms": -1, "scale_slope": k + 1, "cos_update": K - 1, "dloss": K - 1}[kind]
+                points = probe.get((kind, k, j))
+                if points:
+                    ax.plot(*zip(*points), marker=".", lw=1, label=f"stage {k}")
+            if scale == "symlog":
+                ax.set_yscale("symlog", linthresh=1e-3)
+                ax.axhline(0, color="gray", lw=0.6)
+            elif scale == "log":
+                ax.set_yscale("log")
+            else:
+                ax.axhline(0, color="gray", lw=0.6)
+            ax.grid(alpha=0.3)
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.supxlabel("checkpoint step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def cmd_figures(runs_dir: str) -> None:
     import matplotlib
 
@@ -340,6 +399,7 @@ def cmd_figures(runs_dir: str) -> None:
     fig_norms(runs_dir, ["global", "local", "pairwise", "pairwise_sum", "3wise"],
               os.path.join(OUT, "norms_core.png"))  # fmt: skip
     fig_final(finished_runs(runs_dir), os.path.join(OUT, "final_losses.png"), unigram)
+    fig_probe(PROBED, os.path.join(OUT, "probe.png"))
     print(f"figures -> {OUT}")
 
 
