@@ -1,6 +1,6 @@
 """Offline probes of saved `stdlib_lm` checkpoints: who helps whom, and activation scales.
 
-    python scripts/lm_probe.py RUNS_DIR NAME... > probe.csv
+    python scripts/lm_probe.py RUNS_DIR NAME[@STEP,STEP..]... > probe.csv
     python scripts/lm_probe.py --eval=N RUNS_DIR NAME...   # RUN/final_N.json
 
 `--eval=N` evaluates a run's last checkpoint on the first N test windows (what
@@ -51,11 +51,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def checkpoints(workdir: str, template):
-    """Yields (step, TrainState) of every checkpoint of the run, oldest first."""
+def checkpoints(workdir: str, template, steps: set[int] | None = None):
+    """Yields (step, TrainState) of the run's checkpoints (those in `steps` if given)."""
     ckpts = Checkpoints(workdir, {}, max_to_keep=1000)
     try:
         for step in sorted(ckpts.manager.all_steps()):
+            if steps and step not in steps:
+                continue
             ckpts.fingerprint = ckpts.read_meta(step)["fingerprint"]
             yield step, ckpts.restore(step, template)[0]
     finally:
@@ -75,6 +77,8 @@ def _norm(a) -> float:
 
 
 def probe_run(runs_dir: str, name: str, out) -> None:
+    name, _, only = name.partition("@")
+    steps = {int(s) for s in only.split(",") if s}
     workdir = os.path.join(runs_dir, name)
     config = load_config(workdir)
     train_src = builders.build_data(config, "train")
@@ -125,7 +129,7 @@ def probe_run(runs_dir: str, name: str, out) -> None:
         out.write(f"{name},{step},{kind},{k},{j},{value:.6g}\n")
         out.flush()
 
-    for step, ts in checkpoints(workdir, template):
+    for step, ts in checkpoints(workdir, template, steps):
         g = {n: fn(ts.params, ts.state, batch) for n, fn in per_window.items()}
         grad_of = lambda k, j, g=g: g[min(j - k + 1, K)][k]["stage"]  # ∂L_j/∂θ_k
         g_rule = rule(ts.params, ts.state, batch)
