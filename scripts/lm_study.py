@@ -28,15 +28,17 @@ CONFIG = "experiments/configs/stdlib_lm.py"
 COMMON = (
     "--config.progress_bar=False",
     "--config.final_eval_examples=2048",
-    "--config.checkpoint_every_steps=50",
-    "--config.max_to_keep=9",
 )
 LR = "--config.optimizer.learning_rate="
 SEED1 = "--config.seed=1"
 
 
-def _run(arg: str, *overrides: str, steps: int = 200) -> tuple[str, tuple[str, ...]]:
-    return arg, (f"--config.num_train_steps={steps}", *overrides)
+def _run(
+    arg: str, *overrides: str, steps: int = 200, ckpt: int = 50
+) -> tuple[str, tuple[str, ...]]:
+    keep = steps // ckpt + 1
+    flags = (f"--config.checkpoint_every_steps={ckpt}", f"--config.max_to_keep={keep}")
+    return arg, (f"--config.num_train_steps={steps}", *flags, *overrides)
 
 
 # name -> (config arg, overrides). Groups run in the order given on the command line.
@@ -52,8 +54,8 @@ GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     },
     "ref200": {
         "global_200": _run("global,k=4"),
-        "pairwise_200": _run("pairwise,k=4"),
-        "pairwise_sum_200": _run("pairwise,k=4,combine=sum"),
+        "pairwise_200": _run("pairwise,k=4", ckpt=10),
+        "pairwise_sum_200": _run("pairwise,k=4,combine=sum", ckpt=10),
         "local_200": _run("local,k=4"),
     },
     "mech": {
@@ -207,7 +209,22 @@ def cmd_table(runs_dir: str) -> None:
             row += [f"{test[f'aux/{k}/loss']:.4f}" if k < K - 1 else "" for k in range(max_k - 1)]
             row += [f"{s['step_time_s']:.3f}", f'"{arg}"', '"' + " ".join(overrides) + '"']
             f.write(",".join(str(x) for x in row) + "\n")
-    print(f"{len(runs)} runs -> {os.path.join(OUT, 'results.csv')}")
+    with open(os.path.join(OUT, "results.md"), "w") as f:
+        f.write(
+            "| run | strategy | K | seed | steps | test loss (final head) | perplexity "
+            "| aux head losses | what differs from the config |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+        )
+        for name, s in runs.items():
+            test, K = s["test"], s["num_stages"]
+            aux = " / ".join(f"{test[f'aux/{k}/loss']:.3f}" for k in range(K - 1))
+            arg, overrides = specs[name]
+            diff = " ".join(o.removeprefix("--config.") for o in overrides[3:]) or "-"
+            f.write(
+                f"| {name} | {s['strategy']} | {K} | {s['seed']} | {s['steps']} "
+                f"| {test['loss']:.3f} | {test['perplexity']:.2f} | {aux} | {diff} |\n"
+            )
+    print(f"{len(runs)} runs -> {os.path.join(OUT, 'results.csv')}, results.md")
 
 
 HEAD_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
