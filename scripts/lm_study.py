@@ -272,6 +272,8 @@ def fig_heads(runs_dir: str, names: list[str], path: str, unigram: float) -> Non
     import matplotlib.pyplot as plt
 
     names = [n for n in names if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))]
+    if not names:
+        return
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
@@ -301,6 +303,8 @@ def fig_norms(runs_dir: str, names: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in names if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))]
+    if not names:
+        return
     metrics = ("grad_norm", "update_norm", "param_norm")
     fig, axes = plt.subplots(3, len(names), figsize=(3.4 * len(names), 7.5), squeeze=False)
     for c, name in enumerate(names):
@@ -364,6 +368,8 @@ def fig_probe(names: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in names if os.path.exists(os.path.join(OUT, f"probe_{n}.csv"))]
+    if not names:
+        return
     panels = [
         ("act_rms", "rms of stage k's output h_k", "log"),
         ("scale_slope", "dL_{k+1}/dc, h_k -> c h_k (c = 1)", "symlog"),
