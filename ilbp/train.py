@@ -175,8 +175,9 @@ def make_train_step(
     (for lowering and cost analysis).
 
     Metrics: "loss", "accuracy" (final head), "aux/k/loss", "aux/k/accuracy" (not for
-    e2e, whose heads neither run nor train), and per stage "grad_norm/k" (of θ_k) and
-    "param_norm/k". With microbatches they are the full batch's means (`accumulate_grads`).
+    e2e, whose heads neither run nor train), and per stage "grad_norm/k" (of θ_k),
+    "update_norm/k" (of the change of θ_k this step) and "param_norm/k". With
+    microbatches they are the full batch's means (`accumulate_grads`).
     """
     K = model.num_stages
     plan = strategy.plan(K)  # ValueError if the strategy does not fit K
@@ -205,6 +206,8 @@ def make_train_step(
             params.append(p)
             opt_state.append(opt)
             metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
+            change = jax.tree.map(jnp.subtract, p["stage"], ts.params[k]["stage"])
+            metrics[f"update_norm/{k}"] = optax.tree.norm(change)
             metrics[f"param_norm/{k}"] = optax.tree.norm(params[k]["stage"])
         new = TrainState(ts.step + 1, tuple(params), new_state, tuple(opt_state), ts.rng)
         return new, metrics

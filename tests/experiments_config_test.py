@@ -278,3 +278,28 @@ def test_both_entry_points_report_command_line_errors():
         assert run.returncode == 1, (case, err[-2000:])
         assert err.strip().splitlines()[0] == cases[case], case
     assert not os.path.exists(os.path.join(repo, "unused"))
+
+
+@pytest.mark.parametrize("field, value", [("aux_head", "mlp"), ("dtype", "float16")])
+def test_validate_catches_bad_lm_model_options(field, value):
+    from experiments.configs import stdlib_lm
+
+    c = stdlib_lm.get_config("pairwise,k=4")
+    c.model[field] = value
+    with pytest.raises(ValueError, match=rf"Unknown config\.model\.{field} '{value}'"):
+        builders.validate(c)
+
+
+def test_lm_model_options_reach_the_model():
+    import jax
+
+    from experiments.configs import stdlib_lm
+
+    info = data.DatasetInfo(kind="text", vocab_size=17, example_shape=(8,))
+    c = stdlib_lm.get_config("pairwise,k=4")
+    c.model.update(aux_head="unembed", dtype="bfloat16")
+    model = builders.build_model(c, info)
+    x = jax.ShapeDtypeStruct((2, 8), jax.numpy.int32)
+    params, _ = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert set(params[0]["head"]) == {"unembed"}
+    assert {str(h.dtype) for h in model.check_shapes(x)} == {"bfloat16"}

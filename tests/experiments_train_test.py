@@ -56,8 +56,10 @@ def test_fashion_mnist_family_two_steps(idx_dir, tmp_path):
 def test_stdlib_lm_family_two_steps(text_file, tmp_path):
     c = fx.tiny_text_config(f"text:{text_file}", "nwise=2,k=2")
     c.eval_every_steps = 1  # one intermediate eval on the first eval_examples windows
+    c.final_eval_examples = 3  # and a final one on the first 3
     summary = trainer.train_and_evaluate(c, str(tmp_path))
     assert summary["metric"] == "perplexity" and summary["num_stages"] == 2
+    assert summary["test_examples"] == 3
     assert 1 < summary["test"]["perplexity"] < 256 * 2
     assert "aux/0/perplexity" in summary["test"]
     kinds = [(r["kind"], r["step"]) for r in read_metrics(str(tmp_path / "metrics.jsonl"))]

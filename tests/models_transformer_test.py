@@ -83,6 +83,26 @@ def test_param_count_matches_closed_form(overrides, K):
     assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params(K)
 
 
+@pytest.mark.parametrize("aux_head", models.LM_HEADS)
+def test_aux_head_designs(aux_head):
+    model = models.transformer_lm(TINY, 2, aux_head=aux_head)
+    x = jnp.zeros((2, 8), jnp.int32)
+    params, state = _random_init(model, x)
+    assert sum(x.size for x in jax.tree.leaves(params)) == TINY.num_params(2, aux_head)
+    parts = {"norm_unembed": {"norm", "unembed"}, "unembed": {"unembed"}}
+    assert set(params[0]["head"]) == parts.get(aux_head, {"block", "norm", "unembed"})
+    # Without a LayerNorm the logits scale with h; with one they do not.
+    h = jax.random.normal(RNG, (2, 8, TINY.d_model))
+    logits = lambda h: model.heads[0].apply(params[0]["head"], state[0]["head"], h, None, False)[0]
+    scaled = np.allclose(logits(3 * h), 3 * logits(h), rtol=1e-4, atol=1e-5)
+    assert scaled == (aux_head == "unembed")
+
+
+def test_unknown_aux_head_is_refused():
+    with pytest.raises(ValueError, match="Unknown aux_head 'mlp'"):
+        models.transformer_lm(TINY, 2, aux_head="mlp")
+
+
 def test_gpt2_small_has_124m_params():
     config = models.TransformerConfig(
         vocab_size=50257, max_len=1024, num_layers=12, d_model=768, num_heads=12,

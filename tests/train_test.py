@@ -67,8 +67,24 @@ def test_training_lowers_the_loss_and_reports_every_metric():
     _, metrics = run(model, ilbp.Strategy.pairwise(), [batch] * 12)
     assert float(metrics[-1]["loss"]) < float(metrics[0]["loss"])
     expected = {"loss", "accuracy", "aux/0/loss", "aux/0/accuracy", "aux/1/accuracy"}
-    expected |= {f"{name}/{k}" for name in ("grad_norm", "param_norm") for k in range(3)}
+    expected |= {
+        f"{name}/{k}" for name in ("grad_norm", "update_norm", "param_norm") for k in range(3)
+    }
     assert expected <= set(metrics[0])
+
+
+def test_update_norm_is_the_norm_of_the_parameter_change():
+    model = toy_models.heterogeneous(3)
+    data = batches(1)
+    optimizer = optax.adam(1e-2)
+    state = ilbp.init_train_state(model, optimizer, jax.random.key(0), data[0])
+    before = jax.tree.map(np.asarray, state.params)
+    step = ilbp.make_train_step(model, ilbp.Strategy.pairwise(), optimizer, donate=False)
+    state, metrics = step(state, data[0])
+    for k in range(3):
+        change = jax.tree.map(lambda a, b: a - b, state.params[k]["stage"], before[k]["stage"])
+        expected = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(change)))
+        np.testing.assert_allclose(metrics[f"update_norm/{k}"], expected, rtol=1e-4)
 
 
 def test_microbatches_accumulate_to_the_full_batch_gradient():

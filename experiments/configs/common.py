@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.eval_every_steps = 0  # 0: only the final evaluation
     c.eval_examples = 0  # intermediate evals use the first N test examples (0: all)
+    c.final_eval_examples = 0  # the final eval uses the first N test examples (0: all)
     c.log_every_steps = 1  # JSONL/TensorBoard train metrics
     c.checkpoint_every_steps = 100
     c.max_to_keep = 2
@@ -176,5 +177,7 @@ def transformer_model(
             num_heads=num_heads,
             d_ff=d_ff,  # 0: 4 * d_model
             positions="learned",
+            aux_head="norm_unembed",  # ilbp.models.transformer.LM_HEADS
+            dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters: float32)
         )
     )

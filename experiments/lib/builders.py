@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -24,6 +25,7 @@ from ilbp import data
 from ilbp.models import ResNetConfig, TransformerConfig, resnet, transformer_lm
 from ilbp.models.heads import parse_head
 from ilbp.models.resnet_stages import BALANCES, resnet_split
+from ilbp.models.transformer import LM_HEADS
 from ilbp.pipeline import EXECUTORS, make_executor
 from ilbp.stage import StagedModel
 
@@ -37,6 +39,7 @@ OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZER_FIELDS)
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 def build_strategy(config: ml_collections.ConfigDict) -> ilbp.Strategy:
@@ -80,6 +83,9 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     ]
     if config.model.kind == "resnet":
         choices.append(("model.balance", config.model.balance, BALANCES))
+    else:
+        choices.append(("model.aux_head", config.model.get("aux_head", LM_HEADS[0]), LM_HEADS))
+        choices.append(("model.dtype", config.model.get("dtype", DTYPES[0]), DTYPES))
     for field, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"Unknown config.{field} {value!r}; choose one of {allowed}.")
@@ -328,6 +334,7 @@ def transformer_config(
         num_heads=int(m.num_heads),
         d_ff=int(m.d_ff) or None,
         positions=m.positions,
+        dtype=jnp.dtype(m.get("dtype", DTYPES[0])),
     )
 
 
@@ -349,7 +356,7 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> St
     if info.kind != "text":
         raise ValueError(f"A Transformer LM needs text data; {config.dataset!r} is {info.kind}.")
     lm = transformer_config(config, info.vocab_size, int(info.example_shape[0]))
-    return transformer_lm(lm, K)
+    return transformer_lm(lm, K, aux_head=m.get("aux_head", LM_HEADS[0]))
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:

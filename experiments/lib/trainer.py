@@ -181,6 +181,8 @@ def train_and_evaluate(
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     text = info.kind == "text"
+    final_examples = int(config.get("final_eval_examples", 0))
+    final_src = Prefix(test_src, final_examples) if final_examples else test_src
     schedule = builders.learning_rate_schedule(config)
     writer = MetricWriter(workdir)
     end = T if stop_after is None else min(T, int(stop_after))
@@ -225,7 +227,7 @@ def train_and_evaluate(
             return {"stopped_at": end, "workdir": workdir}
         bar.close()
         final = evaluate(
-            built.eval_step, ex.to_train_state(state), test_src, int(config.eval_batch_size),
+            built.eval_step, ex.to_train_state(state), final_src, int(config.eval_batch_size),
             desc="final eval", progress=config.progress_bar, text=text,
         )  # fmt: skip
         writer.write("eval", T, final)
@@ -241,7 +243,7 @@ def train_and_evaluate(
         "seed": int(config.seed),
         "steps": T,
         "resumed_from": start,
-        "test_examples": len(test_src),
+        "test_examples": len(final_src),
         "metric": "perplexity" if text else "accuracy",
         "test": final,
     }

@@ -16,6 +16,7 @@ from ilbp.models.resnet_stages import resnet, resnet_split, resnet_unit_flops
 from ilbp.models.resnets import ResNetConfig, ResNetUnits
 from ilbp.models.splitting import balance_split, parse_blocks_per_stage, unsplit_variables
 from ilbp.models.transformer import (
+    LM_HEADS,
     LMHead,
     TransformerConfig,
     TransformerLM,
@@ -24,6 +25,7 @@ from ilbp.models.transformer import (
 )
 
 __all__ = [
+    "LM_HEADS",
     "ConvHead",
     "LMHead",
     "ResNetConfig",

@@ -115,15 +115,16 @@ class TransformerConfig:
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
 
-    def num_params(self, num_stages: int = 1) -> int:
-        """Closed-form parameter count of the model with K - 1 aux heads (none if K = 1)."""
+    def num_params(self, num_stages: int = 1, aux_head: str = "norm_unembed") -> int:
+        """Closed-form parameter count of the model with K - 1 aux heads (none if K = 1)
+        of design `aux_head` (see LM_HEADS)."""
         V, L, D, F = self.vocab_size, self.max_len, self.d_model, self.ff_dim
         embed = V * D + (L * D if self.positions == "learned" else 0)
         # 2 LayerNorms (2D each), q/k/v/out projections with biases, MLP with biases.
         block = 4 * D + 4 * (D * D + D) + (D * F + F) + (F * D + D)
         final = 2 * D + (0 if self.tie_embeddings else D * V)
-        aux_head = 2 * D + D * V
-        return embed + self.num_layers * block + final + (num_stages - 1) * aux_head
+        head = {"norm_unembed": 2 * D, "unembed": 0, "block_norm_unembed": block + 2 * D}
+        return embed + self.num_layers * block + final + (num_stages - 1) * (head[aux_head] + D * V)
 
 
 def _dense(
@@ -269,16 +270,30 @@ def TransformerLM(config: TransformerConfig) -> TransformerStage:
     return TransformerStage(config, config.num_layers, embed=True, unembed=True)
 
 
+# Aux-head designs: what an LMHead applies before its own (untied) unembedding.
+LM_HEADS: tuple[str, ...] = ("norm_unembed", "unembed", "block_norm_unembed")
+
+
 class LMHead(nn.Module):
-    """Auxiliary head h_BxTxD -> logits_BxTxV: LayerNorm + its own (untied) unembedding."""
+    """Auxiliary head h_BxTxD -> logits_BxTxV, ending in its own (untied) unembedding.
+
+    `design`: "norm_unembed" (default: LayerNorm + unembedding, like the final head),
+    "unembed" (no LayerNorm: logits scale with h), or "block_norm_unembed" (one more
+    Transformer block of the model's shape, then LayerNorm + unembedding).
+    """
 
     config: TransformerConfig
+    design: str = "norm_unembed"
 
     @nn.compact
     def __call__(self, h_BxTxD: jax.Array, train: bool = False) -> jax.Array:
         del train
         c = self.config
-        h_BxTxD = _layer_norm(c, "norm")(h_BxTxD.astype(c.dtype))
+        h_BxTxD = h_BxTxD.astype(c.dtype)
+        if self.design == "block_norm_unembed":
+            h_BxTxD, _ = Block(c, name="block")(h_BxTxD)
+        if self.design != "unembed":
+            h_BxTxD = _layer_norm(c, "norm")(h_BxTxD)
         return _dense(c, c.vocab_size, "unembed", bias=False)(h_BxTxD)
 
 
@@ -286,18 +301,23 @@ def transformer_lm(
     config: TransformerConfig,
     num_stages: int = 1,
     *,
+    aux_head: str = "norm_unembed",
     loss: LossFn | None = None,
     aux_loss: LossFn | None = None,
     input_key: str = "inputs",
 ) -> StagedModel:
     """The LM cut into K stages of num_layers / K blocks each (module docstring).
 
-    Input: batch[input_key] tokens_BxT int32; output logits_BxTxV; aux head k (LayerNorm
-    + unembedding) gives logits_BxTxV from stage k's output. Loss defaults to
-    `next_token_loss()` on batch["targets"]. The model carries its description as one
-    program per stage (`StagedModel.homogeneous`, `transformer_homogeneous`).
+    Input: batch[input_key] tokens_BxT int32; output logits_BxTxV; aux head k (an
+    `LMHead` of design `aux_head`, see LM_HEADS) gives logits_BxTxV from stage k's
+    output. Loss defaults to `next_token_loss()` on batch["targets"]. With the default
+    head design the model carries its description as one program per stage
+    (`StagedModel.homogeneous`, `transformer_homogeneous`), which the `spmd` executor
+    needs: the other designs' heads differ from the last stage's norm + unembedding.
     """
     num_layers = config.num_layers
+    if aux_head not in LM_HEADS:
+        raise ValueError(f"Unknown aux_head {aux_head!r}; choose one of {LM_HEADS}.")
     check_num_stages(num_stages, num_layers, "Transformer blocks")
     if num_layers % num_stages:
         raise ValueError(
@@ -316,7 +336,9 @@ def transformer_lm(
         module = TransformerStage(config, n, embed=first, unembed=last)
         stages.append(from_linen(module, f"blocks {k * n}..{(k + 1) * n - 1}"))
         if not last:
-            heads.append(from_linen(LMHead(config), f"lm head after block {(k + 1) * n - 1}"))
+            heads.append(
+                from_linen(LMHead(config, aux_head), f"lm head after block {(k + 1) * n - 1}")
+            )
     stages, heads = tuple(stages), tuple(heads)
     return StagedModel(
         stages,
@@ -324,7 +346,11 @@ def transformer_lm(
         loss or next_token_loss(),
         aux_loss=aux_loss,
         input_key=input_key,
-        homogeneous=transformer_homogeneous(config, stages, heads) if num_stages > 1 else None,
+        homogeneous=(
+            transformer_homogeneous(config, stages, heads)
+            if num_stages > 1 and aux_head == LM_HEADS[0]
+            else None
+        ),
     )
 
 

@@ -114,7 +114,7 @@ def update_op(tx: optax.GradientTransformation, k: int, microbatches: int) -> Ca
     """U: the full batch's mean gradient, optimizer update and the stage's step metrics:
     (params, opt_state, grad_sum, step, metrics_list, counts) -> (params, opt_state,
     step + 1, metrics), metrics the microbatches' mean (weighted by `counts` unless None)
-    plus grad/param norms. grad_sum without "head" (e2e) leaves the head as it is."""
+    plus grad/update/param norms. grad_sum without "head" (e2e) leaves the head as it is."""
 
     def update(params, opt_state, grad_sum, step, metrics_list, counts=None):
         if counts is None:
@@ -126,10 +126,13 @@ def update_op(tx: optax.GradientTransformation, k: int, microbatches: int) -> Ca
             divide = lambda g: g / total.astype(g.dtype)
             mean = lambda values: jnp.tensordot(counts_M, jnp.stack(values), 1) / total
         grads = jax.tree.map(divide, grad_sum) if microbatches > 1 else grad_sum
+        old = params["stage"]
         params, opt_state = apply_gradients(tx, params, opt_state, grads)
         names = metrics_list[0] if metrics_list else ()  # e2e: inner stages have none
         metrics = {name: mean([m[name] for m in metrics_list]) for name in names}
         metrics[f"grad_norm/{k}"] = optax.tree.norm(grads["stage"])
+        change = jax.tree.map(jnp.subtract, params["stage"], old)
+        metrics[f"update_norm/{k}"] = optax.tree.norm(change)
         metrics[f"param_norm/{k}"] = optax.tree.norm(params["stage"])
         return params, opt_state, step + 1, metrics
 

@@ -201,6 +201,7 @@ class SPMDExecutor:
                 values = [stacked["loss"][k], *(loss_fn[n][k] for n in loss_fn)]
                 metrics.update(dict(zip(names, values)))
             metrics[f"grad_norm/{k}"] = stacked["grad_norm"][k]
+            metrics[f"update_norm/{k}"] = stacked["update_norm"][k]
             metrics[f"param_norm/{k}"] = stacked["param_norm"][k]
         if squeeze:
             metrics = {name: v[0] for name, v in metrics.items()}

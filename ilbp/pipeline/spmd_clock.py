@@ -302,7 +302,8 @@ class _Stage:
         new[PROLOGUE] = _where(k == 0, new[PROLOGUE], jnp.nan)
         keep = lambda a, b: jnp.where(self.has_head, a, b)
         new[HEAD] = jax.tree.map(keep, new[HEAD], params[HEAD])
-        return new, opt_state, self.norm(grads), self.norm(new)
+        change = jax.tree.map(jnp.subtract, new, params)
+        return new, opt_state, self.norm(grads), self.norm(change), self.norm(new)
 
 
 class _Tick(NamedTuple):
@@ -441,10 +442,11 @@ def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
 
     def update(args):
         params, opt_state, grads, hgrads, sums = args
-        params, opt_state, g_norm, p_norm = st.update(params, opt_state, grads, hgrads, t.s)
+        params, opt_state, g_norm, u_norm, p_norm = st.update(params, opt_state, grads, hgrads, t.s)
         sums = {
             **sums,
             "grad_norm": sums["grad_norm"].at[t.s].set(g_norm),
+            "update_norm": sums["update_norm"].at[t.s].set(u_norm),
             "param_norm": sums["param_norm"].at[t.s].set(p_norm),
         }
         return params, opt_state, _zeros(grads), _zeros(hgrads), sums
@@ -479,6 +481,7 @@ def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
         "loss": jnp.zeros((T,)),
         "loss_fn": jax.tree.map(per_step, mets[1][1]),
         "grad_norm": jnp.zeros((T,)),
+        "update_norm": jnp.zeros((T,)),
         "param_norm": jnp.zeros((T,)),
     }
     return Carry(
@@ -520,6 +523,7 @@ def stage_program(
         "loss": sums["loss"] / divisor,
         "loss_fn": jax.tree.map(lambda v: v / divisor, sums["loss_fn"]),
         "grad_norm": sums["grad_norm"],
+        "update_norm": sums["update_norm"],
         "param_norm": sums["param_norm"],
     }
     add = lambda t: jax.tree.map(lambda x: x[None], t)
