@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
         table, _ = compare(config, workdir, command)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"\n{table}\n\nWrote {os.path.abspath(workdir)}/results.md, results.csv, runs.csv")
+    if distributed.is_primary():
+        print(f"\n{table}\n\nWrote {os.path.abspath(workdir)}/results.md, results.csv, runs.csv")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def main(argv: list[str]) -> None:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(format_summary(summary))
+    if distributed.is_primary():
+        print(format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ BAD_OVERRIDES = [
         {"data_parallel": 3, "batch_size": 96, "eval_batch_size": 500},
         r"eval_batch_size=500 .* data_parallel=3",
     ),
+    # The mesh against the job's devices (the 8 of tests/conftest.py).
+    ("executor=mpmd", {"data_parallel": 4}, r"4 stage row\(s\) × config.data_parallel=4 needs 16"),
+    ("", {"data_parallel": 16, "eval_batch_size": 32}, "needs 16 devices; the job has 8 devices"),
     # Optimizer values.
     ("", {"optimizer.learning_rate": 0.0}, r"optimizer\.learning_rate must be > 0"),
     ("", {"optimizer.momentum": 1.5}, r"optimizer\.momentum must be in \[0, 1\)"),

@@ -6,6 +6,7 @@ ones start 2 processes × 4 CPU devices on localhost through `experiments.launch
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import ilbp
@@ -36,10 +38,12 @@ def _run(*args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess,
     return out, time.monotonic() - start
 
 
-def _launch(case: str, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+def _launch(
+    case: str, *extra: str, worker: tuple[str, ...] = (), timeout: float = 240
+) -> tuple[subprocess.CompletedProcess, float]:
     return _run(
         "experiments.launch", "--num_processes=2", "--devices_per_process=4", *extra,
-        "--module=tests.multihost_worker", "--", f"--case={case}",
+        "--module=tests.multihost_worker", "--", f"--case={case}", *worker, timeout=timeout,
     )  # fmt: skip
 
 
@@ -160,3 +164,107 @@ def test_compare_refuses_a_process_id_out_of_range(tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]
     assert "error: --process_id=2 is out of range" in out.stderr
     assert not (tmp_path / "cmp").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _final_state(workdir, like=None):
+    """The step-10 checkpoint's state; one written by several processes needs the
+    placement of `like` (a state restored here)."""
+    path = os.path.join(workdir, "checkpoints", "10", "state")
+    target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
+
+
+def _assert_same_run(a, b, summary_a: dict, summary_b: dict) -> None:
+    """Equal test metrics and final parameters, up to float reassociation (b: a
+    1-process run)."""
+    assert summary_a["test"].keys() == summary_b["test"].keys()
+    for name, value in summary_a["test"].items():
+        assert value == pytest.approx(summary_b["test"][name], rel=1e-4, abs=1e-6), name
+    state_b = _final_state(b)
+    params_a, params_b = (
+        ocp.tree.to_flat_dict(s["params"]) for s in (_final_state(a, state_b), state_b)
+    )
+    assert params_a.keys() == params_b.keys() and params_a
+    for key in params_a:
+        np.testing.assert_allclose(params_a[key], params_b[key], rtol=1e-4, atol=1e-6)
+
+
+def _summary(workdir) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _written_once(workdir) -> None:
+    """Process 0 alone wrote the metrics and TensorBoard events."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        keys = [(r["kind"], r["step"]) for r in map(json.loads, f)]
+    assert len(keys) == len(set(keys)), keys
+    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+
+
+def test_data_parallel_training_across_processes(tmp_path):
+    """A data-parallel ResNet on 2 processes × 4 devices (tests/multihost_worker.py,
+    --case=train) trains, evaluates and checkpoints as on 1 process × 8 devices;
+    interrupted and resumed on 2 processes, or resumed on 1, it is the same run; a NaN in
+    process 1's rows stops every process with the same error; bad meshes and mpmd are
+    refused before anything is written."""
+    from experiments.lib import trainer
+    from tests import experiments_fixtures as fx
+    from tests.multihost_worker import train_config
+
+    idx, root = fx.write_idx_dir(str(tmp_path / "idx")), tmp_path / "runs"
+    out, _ = _launch(
+        "train", "--grace_s=30", worker=(f"--root={root}", f"--idx={idx}"), timeout=900
+    )
+    log = out.stdout[-6000:] + out.stderr[-2000:]
+    assert "[0] BAD OK" in out.stdout and "[1] BAD OK" in out.stdout, log
+    error = "error: aux/0/loss = nan at step 3, stage 0 (of K=2); training stopped. No checkpoint"
+    assert f"[0] {error}" in out.stdout and f"[1] {error}" in out.stdout, log
+    assert out.returncode == 1 and not (root / "nan" / "checkpoints" / "5").exists(), log
+    c = train_config(idx)
+    single = trainer.train_and_evaluate(c, str(tmp_path / "single"))
+    resumed = trainer.train_and_evaluate(c, str(root / "cut5"))  # 2 processes' checkpoint
+    assert resumed["resumed_from"] == 5 and _summary(root / "cut")["resumed_from"] == 5
+    assert single["test_examples"] == 24
+    for workdir, summary in ((root / "full", _summary(root / "full")),
+                             (root / "cut", _summary(root / "cut")),
+                             (root / "cut5", resumed)):  # fmt: skip
+        _assert_same_run(workdir, tmp_path / "single", summary, single)
+    _written_once(root / "full")
+
+
+SPMD_ARG = "pairwise,k=2,executor=spmd"
+SPMD_RUN = {  # a 2-stage Transformer LM on (stage 2 × data 4), 2 overlapped steps per call
+    "seq_len": 16, "model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
+    "batch_size": 8, "data_parallel": 4, "steps_per_call": 2, "num_train_steps": 10,
+    "checkpoint_every_steps": 10, "log_every_steps": 2, "eval_every_steps": 0,
+    "eval_batch_size": 32, "final_eval_examples": 64, "optimizer.warmup_steps": 0,
+    "progress_bar": False,
+}  # fmt: skip
+
+
+def test_spmd_training_across_processes_through_experiments_train(tmp_path):
+    """`experiments.launch` of `experiments.train`: the spmd stages on different
+    processes give the 1-process run; process 0 alone prints and writes."""
+    from experiments.configs import stdlib_lm
+    from experiments.lib import trainer
+    from tests import experiments_fixtures as fx
+
+    run = {"dataset": f"text:{fx.write_text_file(str(tmp_path / 'corpus.txt'))}", **SPMD_RUN}
+    flags = [f"--config.{name}={value}" for name, value in run.items()]
+    out, _ = _run(
+        "experiments.launch", "--num_processes=2", "--devices_per_process=4", "--",
+        f"--config=experiments/configs/stdlib_lm.py:{SPMD_ARG}", f"--workdir={tmp_path / 'two'}",
+        *flags, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.count("| pairwise | K=2 |") == 1 and "[0] stdlib_lm" in out.stdout
+    single = trainer.train_and_evaluate(
+        fx.override(stdlib_lm.get_config(SPMD_ARG), run), str(tmp_path / "one")
+    )
+    _assert_same_run(tmp_path / "two", tmp_path / "one", _summary(tmp_path / "two"), single)
+    _written_once(tmp_path / "two")

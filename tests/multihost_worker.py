@@ -7,6 +7,11 @@
   devices unused is refused. Prints "OK <process> <shards>".
 --case=fail: process 1 dies (status 3, no clean-up) while process 0 waits for it in a
   collective.
+--case=train --root=DIR --idx=DIR: `train_and_evaluate` of `train_config(DIR)` across
+  the processes: bad configs refused (prints "BAD OK"); ROOT/full trained 10 steps;
+  ROOT/cut stopped at step 5 (copied to ROOT/cut5) and resumed to 10; then ROOT/nan,
+  where process 1's rows of batch 3 are NaN: every process exits with the trainer's
+  error, as `experiments.train` does.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from absl import app, flags
 
 from experiments.lib import distributed
 
-_CASE = flags.DEFINE_enum("case", "batches", ["batches", "fail"], "What to run.")
+_CASE = flags.DEFINE_enum("case", "batches", ["batches", "fail", "train"], "What to run.")
+_ROOT = flags.DEFINE_string("root", None, "--case=train: directory of the runs.")
+_IDX = flags.DEFINE_string("idx", None, "--case=train: IDX data directory.")
 
 
 def _source(n: int = 37):
@@ -70,6 +77,68 @@ def check_batches() -> list[tuple[int, int]]:
     return shards
 
 
+def train_config(idx_dir: str):
+    """A data-parallel ResNet over all 8 devices: 10 steps, an evaluation, checkpoint and
+    log record every 5 (the test runs it in one process too)."""
+    from tests import experiments_fixtures as fx
+
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=2")
+    c.num_train_steps, c.data_parallel, c.batch_size, c.eval_batch_size = 10, 8, 16, 16
+    c.eval_every_steps = c.checkpoint_every_steps = c.log_every_steps = 5
+    return c
+
+
+BAD = [  # (overrides, what the error says)
+    ({"executor": "mpmd"}, "executor=mpmd drives every stage from one process"),
+    ({"data_parallel": 16}, "needs 16 devices; the job has 8 devices (2 processes × 4)"),
+    ({"data_parallel": 4}, "set config.data_parallel=8"),
+]
+
+
+def check_training(root: str, idx_dir: str) -> None:
+    import shutil
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from experiments.lib import trainer
+    from experiments.lib.checkpoints import NonFiniteLossError
+    from tests import experiments_fixtures as fx
+
+    for overrides, message in BAD:
+        try:
+            trainer.train_and_evaluate(fx.override(train_config(idx_dir), overrides), root + "/x")
+        except ValueError as e:
+            assert message in str(e), e
+        else:
+            raise AssertionError(f"{overrides} was accepted")
+    assert not os.path.exists(root + "/x")
+    print("BAD OK", flush=True)
+    c = train_config(idx_dir)
+    trainer.train_and_evaluate(c, root + "/full")
+    trainer.train_and_evaluate(c, root + "/cut", stop_after=5)
+    if jax.process_index() == 0:
+        shutil.copytree(root + "/cut", root + "/cut5")
+    multihost_utils.sync_global_devices("copied")
+    trainer.train_and_evaluate(c, root + "/cut")
+    place, placed = trainer.batch_placement, []
+
+    def poisoned(config, ex):
+        def put(batch):
+            placed.append(None)
+            if len(placed) == 3 and jax.process_index() == 1:
+                batch = {**batch, "inputs": batch["inputs"] * np.float32("nan")}
+            return place(config, ex)(batch)
+
+        return put
+
+    trainer.batch_placement = poisoned
+    try:
+        trainer.train_and_evaluate(c, root + "/nan")
+    except NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str]) -> None:
     del argv
     assert distributed.initialize_from_flags()
@@ -81,6 +150,9 @@ def main(argv: list[str]) -> None:
         if jax.process_index() == 1:
             os._exit(3)  # dies: no exception handling, no JAX shut-down barrier
         multihost_utils.sync_global_devices("never reached by process 1")
+        return
+    if _CASE.value == "train":
+        check_training(_ROOT.value, _IDX.value)
         return
     print("OK", jax.process_index(), check_batches())
 

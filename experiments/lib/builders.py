@@ -72,6 +72,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_optimizer(config)
     _check_model(config)
     _check_data_options(config, data.parse_dataset(config.dataset).kind)
+    check_devices(config)
 
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
@@ -145,6 +146,41 @@ def _check_divisible(config: ml_collections.ConfigDict) -> None:
                 f"config.{name}={config[name]} is not a multiple of steps_per_call={per_call}; "
                 "evaluations and checkpoints happen between calls."
             )
+
+
+def mesh_rows(config: ml_collections.ConfigDict) -> int:
+    """Rows of the config's (stage, data) mesh: K for the pipelined executors (stage k
+    on row k), 1 for the single-program one (every stage replicated)."""
+    return 1 if config.executor == "simulated" else int(config.num_stages)
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+    """The mesh (stage rows × data_parallel) against the job's devices, over every
+    process: it must fit, and a multi-process job must use every device; mpmd runs in
+    one process only. ValueError saying what to set."""
+    rows, dp = mesh_rows(config), int(config.data_parallel)
+    count, processes = jax.device_count(), jax.process_count()
+    job = f"{count} devices" + (
+        f" ({processes} processes × {jax.local_device_count()})" if processes > 1 else ""
+    )
+    if processes > 1 and config.executor == "mpmd":
+        raise ValueError(
+            f"executor=mpmd drives every stage from one process; this job has {processes}. "
+            "Use executor=simulated (data parallel over every device of every process) or "
+            "executor=spmd (stages and data across processes), or run mpmd in one process."
+        )
+    if rows * dp > count:
+        raise ValueError(
+            f"The mesh of {rows} stage row(s) × config.data_parallel={dp} needs {rows * dp} "
+            f"devices; the job has {job}. Lower data_parallel (or num_stages), or run on "
+            "more devices (processes)."
+        )
+    if processes > 1 and rows * dp != count:
+        raise ValueError(
+            f"A multi-process run uses every device of the job ({job}): set "
+            f"config.data_parallel={count // rows} so that {rows} stage row(s) × "
+            f"data_parallel = {count}."
+        )
 
 
 def _check_optimizer(config: ml_collections.ConfigDict) -> None:
@@ -360,16 +396,16 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> St
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
-    """The (stage, data) mesh for `config.data_parallel` > 1, else None.
+    """The (stage, data) mesh for `config.data_parallel` > 1 or a multi-process job,
+    else None (one device; the pipelined executors then pick theirs).
 
     The pipelined executors put stage k on row k, so their mesh has K rows; the
     single-program executor replicates every stage over a one-row mesh.
     """
     data_parallel = int(config.data_parallel)
-    if data_parallel <= 1:
+    if data_parallel <= 1 and jax.process_count() == 1:
         return None
-    stages = 1 if config.executor == "simulated" else int(config.num_stages)
-    return ilbp.make_mesh(data=data_parallel, stage=stages)
+    return ilbp.make_mesh(data=data_parallel, stage=mesh_rows(config))
 
 
 @dataclasses.dataclass
@@ -381,6 +417,7 @@ class Built:
     strategy: ilbp.Strategy
     executor: Any
     eval_step: Callable
+    mesh: jax.sharding.Mesh | None  # of eval_step (and of the executor, if it takes one)
 
 
 _CACHE: dict[str, Built] = {}
@@ -409,7 +446,8 @@ def program_key(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> st
 
 def initial_state(built: Built, config: ml_collections.ConfigDict, batch: dict) -> Any:
     """`executor.init(PRNGKey(seed), batch)`, reusing a host copy from an earlier run of
-    the same model, optimizer and seed (bitwise the same state)."""
+    the same model, optimizer and seed (bitwise the same state); not across processes,
+    where a host copy would not be placed on the global mesh."""
     shapes = {k: (v.shape, str(v.dtype)) for k, v in batch.items()}
     fields = [built.model_key, config.optimizer.to_dict(), schedule_steps(config)]
     fields += [int(config.seed), repr(sorted(shapes.items())), int(config.data_parallel)]
@@ -417,7 +455,8 @@ def initial_state(built: Built, config: ml_collections.ConfigDict, batch: dict) 
     ex = built.executor
     if key not in _INIT_CACHE:
         state = ex.init(jax.random.PRNGKey(int(config.seed)), batch)
-        _INIT_CACHE[key] = jax.device_get(ex.to_train_state(state))
+        if jax.process_count() == 1:
+            _INIT_CACHE[key] = jax.device_get(ex.to_train_state(state))
         return state
     return ex.from_train_state(jax.device_put(_INIT_CACHE[key]))
 
@@ -442,5 +481,5 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Built:
         cuts = [stage.name for stage in model.stages]
         model_key = json.dumps([model_fields(config, info), cuts], sort_keys=True)
         eval_step = ilbp.make_eval_step(model, mesh=mesh)
-        _CACHE[key] = Built(model, model_key, strategy, executor, eval_step)
+        _CACHE[key] = Built(model, model_key, strategy, executor, eval_step, mesh)
     return _CACHE[key]

@@ -149,6 +149,11 @@ def initialize(
     return True
 
 
+def is_primary() -> bool:
+    """Whether this process writes the job's files and console output (process 0)."""
+    return jax.process_index() == 0
+
+
 def initialize_from_flags() -> bool:
     """`initialize` with --coordinator_address, --num_processes, --process_id."""
     return initialize(

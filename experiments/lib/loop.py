@@ -18,8 +18,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from experiments.lib.checkpoints import NonFiniteLossError
+
+
+def fetch(tree: Any) -> Any:
+    """Host (numpy) values of `tree`, in one wait. Arrays that span processes are read
+    whole: a replicated one from this process's copy, another by an all-gather, so in
+    a multi-process job every process must call this with the same tree."""
+    if jax.process_count() > 1:
+
+        def whole(x):
+            if not isinstance(x, jax.Array) or x.is_fully_addressable:
+                return x
+            if x.is_fully_replicated:
+                return x.addressable_data(0)
+            return multihost_utils.process_allgather(x, tiled=True)
+
+        tree = jax.tree.map(whole, tree)
+    return jax.device_get(tree)
 
 
 def watched_metrics(num_stages: int) -> list[tuple[int, str]]:
@@ -53,12 +71,9 @@ class NonFiniteWatch:
 
     def __init__(self, num_stages: int):
         self.K = num_stages
-        # step -1: no non-finite value seen yet.
-        self.flag = {
-            "step": jnp.asarray(-1, jnp.int32),
-            "index": jnp.asarray(-1, jnp.int32),
-            "value": jnp.asarray(0.0, jnp.float32),
-        }
+        # step -1: no non-finite value seen yet. Host values: a jitted program places
+        # them with its other inputs, on any mesh.
+        self.flag = {"step": np.int32(-1), "index": np.int32(-1), "value": np.float32(0)}
         self._watched: list[tuple[int, str]] = []
 
     def observe(self, metrics: dict[str, Any], first_step: int) -> None:
@@ -73,7 +88,9 @@ class NonFiniteWatch:
 
     def check(self, host_flag: dict[str, Any], describe_kept: Callable[[], str]) -> None:
         """Raises NonFiniteLossError if `host_flag` (a fetched `self.flag`) records a
-        non-finite value; `describe_kept()` says what checkpoint survives."""
+        non-finite value; `describe_kept()` says what checkpoint survives. The record is
+        computed from global values, so every process of a job raises the same error
+        at the same look."""
         step = int(host_flag["step"])
         if step < 0:
             return

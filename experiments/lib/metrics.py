@@ -16,27 +16,33 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from experiments.lib.loop import fetch
 from ilbp import data
+from ilbp.mesh import global_batch, process_batch_shard
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files."""
+    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files; writes
+    nothing unless `enabled` (in a multi-process job, process 0 writes)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
-        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "a") if enabled else None  # noqa: SIM115 - see close()
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, kind: str, step: int, metrics: Mapping[str, float]) -> None:
+        if self._file is None:
+            return
         record = {"kind": kind, "step": int(step), "time": time.time()}
         record.update({k: float(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
@@ -46,7 +52,8 @@ class MetricWriter:
                 self._tb.add_scalar(f"{kind}/{name}", float(value), int(step))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -98,6 +105,7 @@ def evaluate(
     source: Any,
     batch_size: int,
     *,
+    mesh: jax.sharding.Mesh | None = None,
     desc: str = "eval",
     progress: bool = True,
     text: bool = False,
@@ -106,18 +114,33 @@ def evaluate(
 
     Each batch's metrics are means over its counted entries (examples, or tokens with
     weight 1), so the total is their mean weighted by each batch's sum of "weights".
+    With a `mesh` (eval_step's), each process reads only its rows of every batch, which
+    `global_batch` assembles on the mesh: over all processes every example is evaluated
+    exactly once, and every process gets the same totals.
     """
     batch_size = min(batch_size, len(source))
-    it: Iterable = data.eval_batches(source, batch_size, shard_by_process=False)
+    if mesh is None:
+        it: Iterable = data.eval_batches(source, batch_size, shard_by_process=False)
+        place = lambda batch: batch
+    else:
+        index, count = process_batch_shard(mesh)
+        it = data.eval_batches(source, batch_size, process_index=index, process_count=count)
+        place = lambda batch: global_batch(batch, mesh)
     if progress:
         it = tqdm(it, total=len(it), desc=desc, leave=False, unit="batch", dynamic_ncols=True)
     sums: dict[str, float] = {}
     total = 0.0
-    for batch in it:
-        count = float(batch["weights"].sum())
-        metrics = jax.device_get(eval_step(train_state, batch))
+    for local in it:
+        batch = place(local)
+        metrics, count = fetch((eval_step(train_state, batch), _weight_sum(batch["weights"])))
         for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value) * count
-        total += count
+            sums[name] = sums.get(name, 0.0) + float(value) * float(count)
+        total += float(count)
     out = {name: value / max(total, 1.0) for name, value in sums.items()}
     return with_perplexity(out) if text else out
+
+
+@jax.jit
+def _weight_sum(weights: jax.Array) -> jax.Array:
+    """The counted entries of a batch (over every process's rows of a global batch)."""
+    return jnp.sum(weights)

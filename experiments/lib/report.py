@@ -29,6 +29,7 @@ import ml_collections
 
 from experiments.lib import builders, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
+from experiments.lib.distributed import is_primary
 from experiments.lib.metrics import METRICS_FILE, read_metrics
 from ilbp import costs, data
 from ilbp.strategy import Strategy
@@ -438,22 +439,38 @@ def compare(
     """Trains every (strategy, seed) of `config.compare` and writes the report.
 
     `command`, if given, is the command line that ran this; it goes to command.txt.
-    Returns (the per-strategy markdown table, the per-strategy rows).
+    Returns (the per-strategy markdown table, the per-strategy rows). In a multi-process
+    job every process trains every run (each a multi-process run); process 0 alone
+    makes and writes the report (the others return ("", [])).
     """
     runs = run_configs(config)
     train = builders.build_data(runs[0], "train")
     builders.check_data(runs[0], train)
     workdir = prepare_workdir(workdir)
     preflight(runs, workdir, train.info)
-    summaries = []
-    for c in runs:
-        summary = trainer.train_and_evaluate(c, run_dir(workdir, c))
+    summaries = [trainer.train_and_evaluate(c, run_dir(workdir, c)) for c in runs]
+    if not is_primary():
+        return "", []
+    for summary in summaries:
         print(trainer.format_summary(summary), flush=True)
-        summaries.append(summary)
     predictions = predict_runs(runs)
     target = quality_target(summaries)
     rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))
     table, markdown = render_markdown(rows, summaries, config, target)
+    write_report(workdir, markdown, rows, summaries, predictions, target, command)
+    return table, rows
+
+
+def write_report(
+    workdir: str,
+    markdown: str,
+    rows: list[dict],
+    summaries: list[dict],
+    predictions: dict[str, costs.Throughput],
+    target: QualityTarget,
+    command: str | None,
+) -> None:
+    """results.md, command.txt, results.csv, runs.csv and the two figures."""
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown)
     if command is not None:
@@ -470,4 +487,3 @@ def compare(
     plot_quality_vs_time(
         os.path.join(workdir, "quality_vs_time.png"), summaries, predictions, target
     )
-    return table, rows

@@ -35,10 +35,11 @@ from experiments.lib.checkpoints import (
     prepare_workdir,
 )
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
-from experiments.lib.loop import DeviceBatches, NonFiniteWatch
+from experiments.lib.distributed import is_primary
+from experiments.lib.loop import DeviceBatches, NonFiniteWatch, fetch
 from experiments.lib.metrics import MetricWriter, Prefix, evaluate
 from ilbp import data
-from ilbp.mesh import global_batch
+from ilbp.mesh import global_batch, process_batch_shard
 
 SUMMARY_FILE = "summary.json"
 
@@ -169,8 +170,8 @@ class _Loop:
         if evaluating:
             subset = Prefix(self.test_src, c.eval_examples or len(self.test_src))
             metrics = evaluate(
-                self.built.eval_step, ts, subset, int(c.eval_batch_size),
-                desc=f"eval@{done}", progress=c.progress_bar, text=self.text,
+                self.built.eval_step, ts, subset, int(c.eval_batch_size), mesh=self.built.mesh,
+                desc=f"eval@{done}", progress=not self.bar.disable, text=self.text,
             )  # fmt: skip
             self.writer.write("eval", done, metrics)
         if saving:
@@ -181,7 +182,7 @@ class _Loop:
         """Logs what is pending and raises if a non-finite value was seen; the devices
         are then idle up to step `done`."""
         self._flush()
-        self.watch.check(jax.device_get(self.watch.flag), self._kept)
+        self.watch.check(fetch(self.watch.flag), self._kept)
         self._mark = (time.perf_counter(), done, True)
 
     def _flush(self) -> None:
@@ -190,7 +191,7 @@ class _Loop:
             return
         first, n, stacked, values, flag = self.pending
         self.pending = None
-        (metrics, rates), flag = jax.device_get((values, flag))
+        (metrics, rates), flag = fetch((values, flag))
         now, (then, since, timed) = time.perf_counter(), self._mark
         step_time = (now - then) / max(first + n - since, 1)
         if timed:  # an interval that does not include the compilation
@@ -215,14 +216,24 @@ class _Loop:
 
 def batch_placement(config: ml_collections.ConfigDict, ex: Any) -> Callable[[Any], Any]:
     """How a host batch is placed before the executor's call, on the feeding thread:
-    onto the single-program step's devices (sharded over its data mesh); mpmd and spmd
-    place each microbatch on its stage's devices themselves, from the host batch."""
+    onto the single-program step's devices (this process's rows of the global batch
+    on its data mesh, see `train_shard`); mpmd and spmd place each microbatch on its
+    stage's devices themselves, from the whole host batch."""
     if config.executor != "simulated":
         return lambda batch: batch
     mesh = ex.mesh
     if mesh is None:
         return jax.device_put
     return lambda batch: global_batch(batch, mesh)
+
+
+def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int]:
+    """(index, count) of the rows of every training batch this process reads: its block
+    of the single-program step's data mesh; all of it for mpmd and spmd, whose `step`
+    takes the whole batch on every process (and places only this process's shards)."""
+    if config.executor == "simulated" and ex.mesh is not None:
+        return process_batch_shard(ex.mesh)
+    return 0, 1
 
 
 def train_and_evaluate(
@@ -248,30 +259,35 @@ def train_and_evaluate(
     info = train_src.info
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
+    index, count = train_shard(config, ex)
     it = data.batches(
         train_src,
         int(config.batch_size),
         seed=int(config.seed),
         augment=builders.train_augment(config, info),
+        process_index=index,
+        process_count=count,
     )
     state = builders.initial_state(built, config, it.batch_at(0))
     start = 0
     if latest is not None:
         ts, meta = ckpts.restore(latest, ex.to_train_state(state))
         state, start, it.step = ex.from_train_state(ts), latest, int(meta["data_step"])
-        print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        if is_primary():
+            print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
+    if is_primary():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     text = info.kind == "text"
     final_examples = int(config.get("final_eval_examples", 0))
     final_src = Prefix(test_src, final_examples) if final_examples else test_src
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, enabled=is_primary())
     end = T if stop_after is None else min(T, int(stop_after))
     wall = time.perf_counter()
     bar = tqdm(
         total=T, initial=start, desc=f"train {built.strategy.name}", unit="step",
-        disable=not config.progress_bar, dynamic_ncols=True,
+        disable=not (config.progress_bar and is_primary()), dynamic_ncols=True,
     )  # fmt: skip
     loop = _Loop(config, built, ckpts, writer, test_src, bar, text)
     try:
@@ -281,7 +297,7 @@ def train_and_evaluate(
         bar.close()
         final = evaluate(
             built.eval_step, ex.to_train_state(state), final_src, int(config.eval_batch_size),
-            desc="final eval", progress=config.progress_bar, text=text,
+            mesh=built.mesh, desc="final eval", progress=not bar.disable, text=text,
         )  # fmt: skip
         writer.write("eval", T, final)
         writer.write("final", T, final)
@@ -330,7 +346,8 @@ def open_run(
 def _write_summary(
     workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
 ) -> dict[str, Any]:
-    """Adds timing and the workdir to `summary` and writes WORKDIR/summary.json."""
+    """Adds timing and the workdir to `summary` and writes WORKDIR/summary.json (process
+    0 of a multi-process job; every process returns it)."""
     # A run resumed at its end keeps the step time and wall time it measured.
     previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
     if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
@@ -342,8 +359,9 @@ def _write_summary(
         "wall_time_s": wall_time + previous["wall_time_s"],
         "workdir": workdir,
     }
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    if is_primary():
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 
