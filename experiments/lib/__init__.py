@@ -4,6 +4,7 @@ builders     config -> strategy, optimizer, data, model, executor; config checks
 checkpoints  Orbax checkpoints with a compatibility fingerprint; workdir checks
 cli          flag parsing with one-line errors (unknown --config.FIELD, bad config arg)
 distributed  multi-process start-up flags (jax.distributed.initialize)
+loop         the trainer's hot loop: non-finite checks on device, batches placed ahead
 metrics      JSONL + TensorBoard writer, evaluation over a split
 trainer      `train_and_evaluate(config, workdir)`: one run, resumable
 report       `compare(config, workdir)`: strategies x seeds -> results.md/.csv/.png

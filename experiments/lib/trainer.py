@@ -6,10 +6,18 @@ config checks -> data present and usable -> workdir writable -> checkpoint compa
 never overwrites them); one whose checkpoints were trained differently (`fingerprint`)
 is refused, naming each differing field.
 
-Step s means "after s updates". Checkpoints hold the gathered TrainState and the data
+Step s means "after s updates". Checkpoints hold the TrainState and the data
 iterator's step, so a resumed run sees the same batches and reproduces the
-uninterrupted run exactly (bitwise on CPU). A non-finite loss stops the run before
-anything of that step is checkpointed.
+uninterrupted run exactly (bitwise on CPU). The host waits for the devices only at log
+steps, evaluations and checkpoints (`_Loop`); a non-finite loss is found then, named by
+its step and stage, and stops the run before anything after it is evaluated or
+checkpointed.
+
+Multi-process jobs (every process runs this): the mesh spans every device of every
+process (`builders.check_devices`); simulated reads only this process's rows of each
+batch (`train_shard`) and spmd the whole batch; evaluation is process-sharded; every
+process saves and restores the checkpoints together (Orbax multi-host), and process 0
+alone writes metrics, summary and config and shows the progress bar.
 """
 
 from __future__ import annotations
