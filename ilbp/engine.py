@@ -4,8 +4,8 @@ Both have one signature,
 
     engine(model, strategy, params, state, batch, rng) -> (grads, new_state, metrics)
 
-with `grads` laid out like `params` (a K-tuple of {"stage", "head"} dicts), and
-compute the same thing (DESIGN.md §1):
+with `grads` laid out like `params` (a K-tuple of {"stage", "head"} dicts; without aux
+heads, e2e, only {"stage"}: `trained_params`), and compute the same thing (DESIGN.md §1):
 
 * `spec_grads` is the readable oracle: one forward per loss L_j, in which stage k's
   parameters carry gradient only if the strategy credits L_j to θ_k (scaled by the
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ilbp.stage import Batch, LossFn, Params, Stage, StagedModel, State, stage_rngs
-from ilbp.strategy import StagePlan, Strategy
+from ilbp.strategy import Plan, StagePlan, Strategy
 
 Grads = tuple[dict[str, Params], ...]
 Metrics = dict[str, jax.Array]
@@ -145,11 +145,15 @@ def routed_grads(
     batch: Batch,
     rng: jax.Array,
 ) -> tuple[Grads, tuple, Metrics]:
-    """Production engine: one forward per stage, routed cotangent lists (DESIGN.md §2)."""
+    """Production engine: one forward per stage, routed cotangent lists (DESIGN.md §2).
+
+    Without aux heads (`plan.aux_heads` False, e2e) no head runs and grads[k] has no
+    "head" entry; the heads' state is returned as it came.
+    """
     K = model.num_stages
     plan = strategy.plan(K)
     grads: list[dict[str, Any]] = [{} for _ in range(K)]
-    new_state: list[dict[str, Any]] = [{} for _ in range(K)]
+    new_state: list[dict[str, Any]] = [dict(s) for s in state]
     metrics: Metrics = {}
     vjp_fns, head_vjps = [], []
 
@@ -161,6 +165,9 @@ def routed_grads(
         )
         vjp_fns.append(vjp_fn)
         is_last = k == K - 1
+        if not (is_last or plan.aux_heads):
+            head_vjps.append(None)
+            continue
         loss, m, head_state, head_vjp = head_forward(
             None if is_last else model.heads[k],
             model.head_loss(k),
@@ -178,10 +185,11 @@ def routed_grads(
 
     received: Cotangents = {}
     for k in reversed(range(K)):
-        dphi, own_cotangent = head_vjps[k]()
-        if k < K - 1:
-            grads[k]["head"] = dphi
-        cotangents = {k: own_cotangent, **received}
+        cotangents = dict(received)
+        if head_vjps[k] is not None:
+            dphi, cotangents[k] = head_vjps[k]()
+            if k < K - 1:
+                grads[k]["head"] = dphi
         grads[k]["stage"], received = stage_backward(plan[k], vjp_fns[k], cotangents)
     return tuple(grads), tuple(new_state), metrics
 
@@ -204,18 +212,22 @@ def spec_grads(
     batch: Batch,
     rng: jax.Array,
 ) -> tuple[Grads, tuple, Metrics]:
-    """Readable oracle: Σ_j L_j, each with gradient reaching only the θ_k it credits."""
+    """Readable oracle: Σ_j L_j, each with gradient reaching only the θ_k it credits.
+
+    Without aux heads (e2e) only L_{K-1} exists and only the stages are differentiated.
+    """
     K = model.num_stages
     plan = strategy.plan(K)
+    losses = range(K) if plan.aux_heads else [K - 1]
 
-    def objective(params):
+    def objective(trained):
         total = 0.0
         metrics: Metrics = {}
-        new_state: list[dict[str, Any]] = [{} for _ in range(K)]
-        for j in range(K):  # One full forward per loss: the recomputation routed avoids.
+        new_state: list[dict[str, Any]] = [dict(s) for s in state]
+        for j in losses:  # One full forward per loss: the recomputation routed avoids.
             h = batch[model.input_key]
             for k in range(j + 1):
-                theta = _scale_gradient(params[k]["stage"], plan.coefficient(k, j))
+                theta = _scale_gradient(trained[k]["stage"], plan.coefficient(k, j))
                 h, s = model.stages[k].apply(
                     theta, state[k]["stage"], h, stage_rngs(rng, k)[0], True
                 )
@@ -225,15 +237,23 @@ def spec_grads(
             if j < K - 1:
                 weight = strategy.aux_weight(j)
                 h, new_state[j]["head"] = model.heads[j].apply(
-                    params[j]["head"], state[j]["head"], h, stage_rngs(rng, j)[1], True
+                    trained[j]["head"], state[j]["head"], h, stage_rngs(rng, j)[1], True
                 )
             loss, m = model.head_loss(j)(h, batch)
             metrics.update(loss_metrics(j, K, loss, m))
             total = total + weight * loss
         return total, (tuple(new_state), metrics)
 
-    grads, (new_state, metrics) = jax.grad(objective, has_aux=True)(params)
+    grads, (new_state, metrics) = jax.grad(objective, has_aux=True)(trained_params(params, plan))
     return grads, new_state, metrics
+
+
+def trained_params(params: tuple, plan: Plan) -> tuple:
+    """The part of `params` a plan trains, laid out as its grads: all of it, or without
+    aux heads (e2e) only each stage's {"stage": θ_k}."""
+    if plan.aux_heads:
+        return params
+    return tuple({"stage": p["stage"]} for p in params)
 
 
 ENGINES: dict[str, Engine] = {"routed": routed_grads, "spec": spec_grads}

@@ -1,4 +1,9 @@
-"""Loss functions with the `LossFn` signature: (logits, batch) -> (mean loss, metrics)."""
+"""Loss functions with the `LossFn` signature: (logits, batch) -> (mean loss, metrics).
+
+Both losses average over the entries that batch["weights"] counts (every example if the
+batch has no weights). `loss_count` is that number; microbatch accumulation weights each
+microbatch's mean by it, so that M microbatches give the full batch's mean.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,23 @@ import optax
 
 from ilbp.stage import Batch, LossFn
 
+WEIGHTS_KEY = "weights"
 
-def classification_loss(label_key: str = "label", weight_key: str = "weights") -> LossFn:
+
+def loss_count(batch: Batch) -> jax.Array | None:
+    """Σ batch["weights"]: the entries (examples or tokens) a loss on `batch` averages over.
+
+    None if the batch has no weights: every example counts, so equal microbatches count
+    equally. Losses with another weight_key are not seen here (their microbatches count
+    equally).
+    """
+    weights = batch.get(WEIGHTS_KEY)
+    if weights is None:
+        return None
+    return jnp.sum(weights.astype(jnp.promote_types(weights.dtype, jnp.float32)))
+
+
+def classification_loss(label_key: str = "label", weight_key: str = WEIGHTS_KEY) -> LossFn:
     """Softmax cross-entropy against integer labels.
 
     logits_BxC, batch[label_key]_B (and optional 0/1 batch[weight_key]_B marking padded
@@ -36,7 +56,7 @@ def _weighted_mean(loss, correct, weights):
     return jnp.sum(loss * weights) / count, {"accuracy": accuracy}
 
 
-def next_token_loss(target_key: str = "targets", weight_key: str = "weights") -> LossFn:
+def next_token_loss(target_key: str = "targets", weight_key: str = WEIGHTS_KEY) -> LossFn:
     """Token-level cross-entropy for language models.
 
     logits_BxTxV, batch[target_key]_BxT (and optional 0/1 batch[weight_key]_BxT for

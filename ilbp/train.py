@@ -6,7 +6,9 @@
 
 Each stage k owns its optimizer state (for θ_k and φ_k): one optax transformation for
 all stages or one per stage. With `microbatches=M` a step accumulates the gradients of
-M equal slices of the batch (in order, threading BatchNorm state) and updates once.
+M equal slices of the batch (in order, threading BatchNorm state) and updates once; on
+padded batches ("weights") each slice counts by its tokens, so M does not change the
+objective.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ilbp.engine import ENGINES, Grads, Metrics, loss_metrics
+from ilbp.engine import ENGINES, Grads, Metrics, loss_metrics, trained_params
+from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, batch_sharding, replicated
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
@@ -89,31 +92,65 @@ def init_train_state(
 
 
 def accumulate_grads(
-    grad_fn: Callable[[tuple, Batch], tuple[Grads, tuple, Metrics]],
+    grad_fn: Callable[[tuple, tuple, Batch, int], tuple[Grads, tuple, Metrics]],
     params: tuple,
     state: tuple,
     batch: Batch,
     microbatches: int,
+    *,
+    grads_like: Any = None,
 ) -> tuple[Grads, tuple, Metrics]:
-    """Mean gradient and metrics over M microbatches, state threaded in order."""
+    """The full batch's gradient and metrics from M microbatches, state threaded in order.
+
+    `grad_fn(params, state, microbatch, m)`; `grads_like`: a tree shaped like its grads
+    (default `params`). Microbatch means are averaged with weights ∝ `loss_count` (their
+    counted tokens or examples) when the batch has weights, else equally: either way the
+    result is the mean over the whole batch.
+    """
     if microbatches == 1:
         return grad_fn(params, state, batch, 0)
     split = jax.tree.map(
         lambda x: x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch
     )
+    counts_M = None if loss_count(batch) is None else jax.vmap(loss_count)(split)
 
     def body(carry, inputs):
         grad_sum, state = carry
         m, microbatch = inputs
         grads, state, metrics = grad_fn(params, state, microbatch, m)
+        if counts_M is not None:  # the microbatch's sum over its counted entries
+            grads = jax.tree.map(lambda g: counts_M[m].astype(g.dtype) * g, grads)
         return (jax.tree.map(jnp.add, grad_sum, grads), state), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params if grads_like is None else grads_like)
     (grad_sum, state), metrics = jax.lax.scan(
         body, (zeros, state), (jnp.arange(microbatches), split)
     )
-    mean = lambda tree: jax.tree.map(lambda x: x / microbatches, tree)
-    return mean(grad_sum), state, jax.tree.map(lambda x: jnp.mean(x, 0), metrics)
+    if counts_M is None:
+        mean = lambda tree: jax.tree.map(lambda x: x / microbatches, tree)
+        return mean(grad_sum), state, jax.tree.map(lambda x: jnp.mean(x, 0), metrics)
+    total = jnp.maximum(jnp.sum(counts_M), 1.0)
+    grads = jax.tree.map(lambda g: g / total.astype(g.dtype), grad_sum)
+    weighted = lambda x: jnp.tensordot(counts_M.astype(x.dtype), x, 1) / total.astype(x.dtype)
+    return grads, state, jax.tree.map(weighted, metrics)
+
+
+def apply_gradients(
+    tx: optax.GradientTransformation, params: dict, opt_state: Any, grads: dict
+) -> tuple[dict, Any]:
+    """One optimizer update of one stage's {"stage", "head"} params.
+
+    Grads without a "head" entry (e2e: the head is not trained) leave the head's
+    parameters as they are; the optimizer sees zeros for it, so stateful transforms that
+    only accumulate gradients (momentum, Adam moments) keep their initial head state too.
+    """
+    if "head" not in params or "head" in grads:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    zeros = jax.tree.map(jnp.zeros_like, params["head"])
+    updates, opt_state = tx.update({**grads, "head": zeros}, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    return {**new, "head": params["head"]}, opt_state
 
 
 def check_batch(batch: Batch, mesh: jax.sharding.Mesh | None, microbatches: int) -> None:
@@ -148,11 +185,12 @@ def make_train_step(
     function checks the batch shape before tracing; `.jitted` is the jitted function
     (for lowering and cost analysis).
 
-    Metrics: "loss", "accuracy" (final head), "aux/k/loss", "aux/k/accuracy", and per
-    stage "grad_norm/k" (of θ_k) and "param_norm/k".
+    Metrics: "loss", "accuracy" (final head), "aux/k/loss", "aux/k/accuracy" (not for
+    e2e, whose heads neither run nor train), and per stage "grad_norm/k" (of θ_k) and
+    "param_norm/k". With microbatches they are the full batch's means (`accumulate_grads`).
     """
     K = model.num_stages
-    strategy.check(K)
+    plan = strategy.plan(K)  # ValueError if the strategy does not fit K
     optimizers = per_stage_optimizers(optimizer, K)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {sorted(ENGINES)}.")
@@ -166,12 +204,17 @@ def make_train_step(
             model, strategy, params, state, b, jax.random.fold_in(rng, m)
         )
         grads, new_state, metrics = accumulate_grads(
-            grad_fn, ts.params, ts.state, batch, microbatches
+            grad_fn,
+            ts.params,
+            ts.state,
+            batch,
+            microbatches,
+            grads_like=trained_params(ts.params, plan),
         )
         params, opt_state = [], []
         for k, tx in enumerate(optimizers):
-            updates, opt = tx.update(grads[k], ts.opt_state[k], ts.params[k])
-            params.append(optax.apply_updates(ts.params[k], updates))
+            p, opt = apply_gradients(tx, ts.params[k], ts.opt_state[k], grads[k])
+            params.append(p)
             opt_state.append(opt)
             metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
             metrics[f"param_norm/{k}"] = optax.tree.norm(params[k]["stage"])
@@ -199,7 +242,9 @@ def make_eval_step(
 ) -> Callable[[TrainState, Batch], Metrics]:
     """`eval_step(state, batch) -> metrics` of the final and every aux head (no updates).
 
-    Uses the inference mode of every stage (BatchNorm running statistics).
+    Uses the inference mode of every stage (BatchNorm running statistics). It does not
+    depend on the strategy: after e2e training the aux heads are still as initialised,
+    and their metrics are those of untrained heads on trained features.
     """
     K = model.num_stages
 

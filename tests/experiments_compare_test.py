@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 
+import ml_collections
 import pytest
 
 from experiments.lib import checkpoints, report
+from ilbp import costs
 from tests import experiments_fixtures as fx
 
 
@@ -67,6 +70,37 @@ def test_quality_target():
     target = report.quality_target(text)
     assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
     assert target.value == pytest.approx(2.0 / 0.98)
+
+
+def test_e2e_rows_show_no_aux_accuracy():
+    """e2e's heads are never trained, so its aux columns are empty, not their init's."""
+    summaries = [
+        dict(
+            strategy=name,
+            seed=0,
+            metric="accuracy",
+            num_stages=3,
+            step_time_s=0.1,
+            wall_time_s=1.0,
+            steps=2,
+            test_examples=8,
+            test={"accuracy": 0.5, "aux/0/accuracy": 0.2, "aux/1/accuracy": 0.3},
+        )
+        for name in ("e2e", "pairwise")
+    ]
+    config = ml_collections.ConfigDict(
+        dict(name="x", batch_size=8, microbatches=1, eval_examples=0, eval_every_steps=1)
+    )
+    predicted = {
+        name: costs.Throughput(name, 1, 1e-3, 1.0, speedup, None, None)
+        for name, speedup in (("e2e", 1.0), ("pairwise", 1.5))
+    }
+    rows = report.aggregate(summaries, predicted, {"e2e": [None], "pairwise": [1.0]})
+    assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
+    assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
+    target = report.QualityTarget("e2e", "accuracy", 0.49, True)
+    table, _ = report.render_markdown(rows, summaries, config, target)
+    assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):

@@ -39,6 +39,7 @@ def test_every_config_loads_validates_and_documents_its_command(name):
         ("pairwise,k=4", {"strategy": "pairwise", "num_stages": 4}),
         ("nwise=3,k=8,combine=sum", {"strategy": "nwise=3", "num_stages": 8, "combine": "sum"}),
         ("global", {"strategy": "global"}),
+        ("e2e,k=4", {"strategy": "e2e", "num_stages": 4}),
         ("3wise, k=2", {"strategy": "3wise", "num_stages": 2}),
         ("local,executor=mpmd,m=4", {"strategy": "local", "executor": "mpmd", "microbatches": 4}),
         ("", {}),

@@ -64,6 +64,16 @@ def test_stdlib_lm_family_two_steps(text_file, tmp_path):
     assert ("eval", 1) in kinds and ("final", 2) in kinds
 
 
+def test_e2e_trains_without_aux_heads(text_file, tmp_path):
+    c = fx.tiny_text_config(f"text:{text_file}", "e2e,k=2,m=2")
+    summary = trainer.train_and_evaluate(c, str(tmp_path))
+    assert summary["strategy"] == "e2e" and 1 < summary["test"]["perplexity"] < 256 * 2
+    train = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
+    assert train and not any(name.startswith("aux/") for r in train for name in r)
+    # Evaluation does not depend on the strategy: the untrained head is still reported.
+    assert "aux/0/loss" in summary["test"]
+
+
 @pytest.mark.parametrize(
     "module, image_size, model",
     [

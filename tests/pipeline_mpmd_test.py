@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -14,7 +15,7 @@ from ilbp.schedule import OpKind
 from tests import toy_models as tm
 from tests.tree_asserts import assert_trees_close
 
-STRATEGIES = ("global", "local", "pairwise", "3wise", "pairwise:sum")
+STRATEGIES = ("e2e", "global", "local", "pairwise", "3wise", "pairwise:sum")
 K = 4
 STEPS = 5
 OPT = optax.sgd(0.1, momentum=0.9)
@@ -99,6 +100,30 @@ def test_issue_order_is_topological_and_eager():
         for k in range(1, K):  # forwards flow right
             F = OpKind.FORWARD
             assert kinds.index((F, k - 1, m)) < kinds.index((F, k, m))
+
+
+def test_e2e_issues_no_head_ops():
+    order = issue_order(ilbp.Strategy.e2e(), K, 2)
+    assert {kind for kind, *_ in order} == {"F", "B", "W", "U"}
+    assert [o for o in issue_order(ilbp.Strategy.global_(), K, 2) if o[0] != "A"] == order
+
+
+@pytest.mark.parametrize("spec", ["pairwise", "e2e"])
+def test_microbatches_of_padded_text_give_the_full_batch_step(spec):
+    """Microbatches count by tokens (on stage device groups of 2), as the full batch."""
+    model = tm.text(3)
+    batch = tm.padded_text_batch()
+    sgd = optax.sgd(1.0)
+    ts = ilbp.init_train_state(model, sgd, jax.random.key(0), batch)
+    ref, ref_metrics = make_executor("simulated", model, spec, sgd).step(ts, batch)
+    mesh = ilbp.make_mesh(stage=3, data=2)
+    ex = make_executor("mpmd", model, spec, sgd, microbatches=4, mesh=mesh)
+    st, metrics = ex.step(ex.from_train_state(ts), batch)
+    assert sorted(metrics) == sorted(ref_metrics)
+    for name in ref_metrics:
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=2e-5, err_msg=name)
+    gradient = lambda new: jax.tree.map(jnp.subtract, ts.params, new.params)
+    assert_trees_close(gradient(ex.to_train_state(st)), gradient(ref), 2e-5, 1e-7)
 
 
 def test_bad_input():

@@ -13,9 +13,10 @@ import ilbp
 from ilbp.models import TransformerConfig, transformer_lm
 from ilbp.pipeline import make_executor
 from ilbp.pipeline.homogeneous import PROLOGUE
+from tests import toy_models
 from tests.tree_asserts import assert_trees_close
 
-STRATEGIES = ("global", "local", "pairwise", "3wise", "pairwise:sum")
+STRATEGIES = ("e2e", "global", "local", "pairwise", "3wise", "pairwise:sum")
 K = 4
 STEPS = 5
 OPT = optax.sgd(0.1, momentum=0.9)
@@ -119,6 +120,26 @@ def test_step_and_steps_continue_each_other(initial):
     st, _ = ex.steps(st, stacked(BATCHES[2:]))
     reference = run_both("pairwise", 1, initial)[3]
     assert_same(ex.to_train_state(st), reference)
+
+
+def test_microbatches_of_padded_text_give_the_full_batch_steps(initial):
+    """Microbatches (and data shards) count by tokens: M = 4 on stage=4 × data=2 runs the
+    single program's full-batch steps."""
+    padded = [toy_models.padded_text_batch(lengths, seed=t) for t, lengths in enumerate(LENGTHS)]
+    ref = make_executor("simulated", MODEL, "pairwise", OPT)
+    rs = initial
+    for batch in padded:
+        rs, ref_metrics = ref.step(rs, batch)
+    mesh = ilbp.make_mesh(stage=K, data=2)
+    ex = make_executor("spmd", MODEL, "pairwise", OPT, microbatches=4, mesh=mesh)
+    st, metrics = ex.steps(ex.from_train_state(initial), stacked(padded))
+    for name in ref_metrics:
+        np.testing.assert_allclose(metrics[name][-1], ref_metrics[name], 1e-5, err_msg=name)
+    for field in ("params", "opt_state"):
+        assert_trees_close(getattr(ex.to_train_state(st), field), getattr(rs, field), 1e-5, 1e-7)
+
+
+LENGTHS = [(8, 8, 1, 0, 3, 8, 2, 5), (0, 1, 2, 3, 8, 8, 8, 8)]
 
 
 def test_bad_input():

@@ -99,3 +99,36 @@ def batch(size: int = 8, dtype=jnp.float32, seed: int = 0) -> dict[str, jax.Arra
         "inputs": jax.random.normal(kx, (size, IMAGE, IMAGE, 2), dtype),
         "label": jax.random.randint(ky, (size,), 0, CLASSES),
     }
+
+
+class TokenStage(nn.Module):
+    """Embedding (on token ids) or per-token dense + tanh: BxT(xD) -> BxTxfeatures."""
+
+    features: int
+    vocab: int = 0  # > 0: embed token ids
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.vocab:
+            x = nn.Embed(self.vocab, self.features)(x)
+        return jnp.tanh(nn.Dense(self.features)(x))
+
+
+def text(K: int, vocab: int = 32) -> ilbp.StagedModel:
+    """A per-token LM of K ≥ 2 cheap stages (embedding first, vocab logits last), dense
+    heads to vocab logits and `next_token_loss`: cheap to compile for every executor."""
+    stages = [ilbp.from_linen(TokenStage(8, vocab), "embed")]
+    stages += [ilbp.from_linen(TokenStage(8), f"dense{k}") for k in range(1, K - 1)]
+    stages.append(ilbp.from_linen(nn.Dense(vocab), "logits", train_kwarg=None))
+    heads = [ilbp.from_linen(nn.Dense(vocab), f"head{k}", train_kwarg=None) for k in range(K - 1)]
+    return ilbp.StagedModel(stages, heads, ilbp.next_token_loss())
+
+
+def padded_text_batch(
+    lengths=(8, 8, 1, 0, 3, 8, 2, 5), seq_len: int = 8, vocab: int = 32, seed: int = 0
+) -> dict[str, jax.Array]:
+    """Next-token batch whose row i has lengths[i] real targets ("weights" 1) and padding
+    after them ("weights" 0): slices of it count very different numbers of tokens."""
+    tokens = jax.random.randint(jax.random.key(seed), (len(lengths), seq_len + 1), 0, vocab)
+    weights = jnp.arange(seq_len)[None, :] < jnp.asarray(lengths)[:, None]
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights.astype(float)}

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import ilbp
-from tests import toy_models
+from tests import toy_models, tree_asserts
 
 
 def run(model, strategy, batches, *, engine="routed", mesh=None, microbatches=1, seed=0):
@@ -86,6 +86,29 @@ def test_microbatches_accumulate_to_the_full_batch_gradient():
         full.params,
         micro.params,
     )
+
+
+def test_microbatches_and_data_shards_of_padded_text_give_the_full_batch_step():
+    """Microbatch (and data-shard) means count by tokens: M does not change the objective."""
+    model = toy_models.text(3)
+    batch = toy_models.padded_text_batch()
+    sgd = optax.sgd(1.0)  # the update is -gradient
+    ts = ilbp.init_train_state(model, sgd, jax.random.key(0), batch)
+    gradient = lambda new: jax.tree.map(jnp.subtract, ts.params, new.params)
+    results = {}
+    for M, data in [(1, 1), (2, 1), (4, 1), (2, 2)]:
+        mesh = ilbp.make_mesh(data=data) if data > 1 else None
+        step = ilbp.make_train_step(
+            model, ilbp.Strategy.pairwise(), sgd, microbatches=M, mesh=mesh, donate=False
+        )
+        new, metrics = step(ts, batch)
+        results[M, data] = gradient(new), metrics
+    (want, want_metrics) = results.pop((1, 1))
+    for (M, data), (got, metrics) in results.items():
+        what = f"M={M} data={data}"
+        tree_asserts.assert_trees_close(got, want, rtol=2e-5, atol=1e-7, what=what)
+        for name in ("loss", "accuracy", "aux/0/loss", "aux/0/accuracy"):
+            np.testing.assert_allclose(metrics[name], want_metrics[name], 1e-6, err_msg=what)
 
 
 def test_one_optimizer_per_stage():

@@ -4,12 +4,13 @@ A config file's `get_config(arg)` receives what follows ":" in `--config=FILE.py
 ARG is comma-separated tokens:
 
   global | local | pairwise | Nwise | nwise=N    the strategy (window n)
+  e2e                                            or the plain network, end to end (no heads)
   k=K                                            number of stages
   combine=last|sum|mean                          the n-wise combine rule
   executor=simulated|mpmd|spmd                   how the stages run
   m=M                                            microbatches per step
 
-e.g. `:pairwise,k=4`, `:nwise=3,k=8,combine=sum`, `:global,executor=mpmd,m=4`.
+e.g. `:pairwise,k=4`, `:nwise=3,k=8,combine=sum`, `:global,executor=mpmd,m=4`, `:e2e,k=4`.
 Everything can also be overridden with `--config.FIELD=VALUE`.
 """
 
@@ -55,7 +56,7 @@ def parse_arg(arg: str | None) -> dict[str, object]:
             out["microbatches"] = int(value)
         else:
             raise ValueError(
-                f"Unknown config arg {token!r}. Use a strategy (global, local, pairwise, "
+                f"Unknown config arg {token!r}. Use a strategy (e2e, global, local, pairwise, "
                 f"Nwise, nwise=N) and/or key=value with keys {ARG_KEYS}, e.g. ':pairwise,k=4' "
                 "or ':nwise=3,k=8,combine=sum'."
             )

@@ -196,9 +196,12 @@ def aggregate(
         mean, std = _mean_std([r["test"][metric] for r in runs])
         row = {"strategy": name, "seeds": len(runs), f"test_{metric}_mean": mean}
         row[f"test_{metric}_std"] = std
+        trains_heads = Strategy.parse(name).aux_heads  # e2e's heads stay untrained: NaN
         for k in range(K - 1):
-            row[f"aux{k}_accuracy_mean"] = statistics.fmean(
-                r["test"][f"aux/{k}/accuracy"] for r in runs
+            row[f"aux{k}_accuracy_mean"] = (
+                statistics.fmean(r["test"][f"aux/{k}/accuracy"] for r in runs)
+                if trains_heads
+                else float("nan")
             )
         row["step_time_ms_mean"] = 1e3 * statistics.fmean(r["step_time_s"] for r in runs)
         row.update(prediction_columns(predictions[name], times[name]))
@@ -293,6 +296,7 @@ def render_markdown(
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         aux = " / ".join(f"{r[f'aux{k}_accuracy_mean']:.3f}" for k in range(K - 1))
+        aux = aux.replace("nan", "—")
         lines.append(
             f"| {r['strategy']} | {r[f'test_{metric}_mean']:.4f} ± {r[f'test_{metric}_std']:.4f} "
             f"| {aux} | {r['step_time_ms_mean']:.0f} | {r['pred_vs_e2e_split_M1']:.2f} "

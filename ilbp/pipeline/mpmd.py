@@ -9,9 +9,10 @@ soon as their inputs exist: stages overlap, and a stage sends every cotangent th
 moment it is computed (`jax.device_put` to the previous stage's devices). Nothing
 blocks on the host; consecutive steps overlap too, within what the updates allow.
 
-Microbatches: M slices of the batch, in order; gradients accumulate over them and each
-stage updates once per step; BatchNorm state threads through microbatches in order, as
-in `ilbp.train.accumulate_grads`.
+Microbatches: M slices of the batch, in order; gradients accumulate over them (weighted
+by their counted tokens on padded batches) and each stage updates once per step;
+BatchNorm state threads through microbatches in order, as in
+`ilbp.train.accumulate_grads`. Without aux heads (e2e) no head op exists or runs.
 
 State (`MPMDState`): TrainState's fields, each a K-tuple whose entry k lives on stage k's
 devices, replicated over that group's `data` axis (a step counter and rng copy per
@@ -29,6 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from ilbp.engine import Metrics
+from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
 from ilbp.pipeline.executor import check_batch_split, check_microbatches, check_stage_devices
@@ -102,7 +104,8 @@ def issue_order(
     """One step's ops as (kind, k, m, loss) in the schedule model's start-time order.
 
     Any topological order is correct (each device runs its ops in issue order); this one
-    is the model's, so measurement and prediction describe the same schedule.
+    is the model's, so measurement and prediction describe the same schedule. Without
+    aux heads (e2e) there are no head ops (A), whatever the model lists.
     `max_in_flight` is the model's cap on the microbatches a stage holds residuals for
     (`ilbp.schedule.simulate`); ValueError if it is malformed.
     """
@@ -114,7 +117,12 @@ def issue_order(
         fused_backward=True,
         max_in_flight=max_in_flight,
     )
-    return [(o.kind, o.stage, o.microbatch, o.loss) for o in sched.timeline]
+    heads = strategy.plan(num_stages).aux_heads
+    return [
+        (o.kind, o.stage, o.microbatch, o.loss)
+        for o in sched.timeline
+        if heads or o.kind != OpKind.AUX
+    ]
 
 
 class MPMDExecutor:
@@ -152,7 +160,12 @@ class MPMDExecutor:
             if k < K - 1:
                 self.forward.append(ops.forward_op(stage, k, k == 0))
                 weight = self.strategy.aux_weight(k)
-                self.head.append(ops.head_op(model.heads[k], model.head_loss(k), weight, k, K))
+                head = model.heads[k]
+                self.head.append(
+                    ops.head_op(head, model.head_loss(k), weight, k, K)
+                    if self.plan.aux_heads
+                    else None
+                )
             else:
                 self.forward.append(ops.last_forward_op(stage, model.loss, k, k == 0))
             sp = self.plan[k]
@@ -204,12 +217,20 @@ class MPMDExecutor:
         b = size // M
         # Microbatch m on stage k's devices (every stage's loss reads its labels).
         placed: dict[tuple[int, int], Batch] = {}
+        # Its loss_count there if microbatches are token-weighted (mpmd_ops), else None.
+        weighted = M > 1 and loss_count(batch) is not None
+        counted: dict[tuple[int, int], jax.Array | None] = {}
 
         def microbatch(m: int, k: int) -> Batch:
             if (m, k) not in placed:
                 piece = jax.tree.map(lambda x: x[m * b : (m + 1) * b], batch)
                 placed[(m, k)] = jax.device_put(piece, self.batch_sharding[k])
             return placed[(m, k)]
+
+        def count(m: int, k: int) -> jax.Array | None:
+            if (m, k) not in counted:
+                counted[(m, k)] = loss_count(microbatch(m, k)) if weighted else None
+            return counted[(m, k)]
 
         params, opt_state, step = list(st.params), list(st.opt_state), list(st.step)
         stage_state = [dict(s) for s in st.state]
@@ -218,7 +239,7 @@ class MPMDExecutor:
         vjps: dict[tuple[int, int], Any] = {}
         cots: dict[tuple[int, int], dict[int, jax.Array]] = {}  # ∂L_j/∂h_k on stage k
         grad_sum: list[dict[str, Any]] = [{"stage": None, "head": None} for _ in range(K)]
-        stage_metrics: list[list[Metrics]] = [[] for _ in range(K)]
+        stage_metrics: list[dict[int, Metrics]] = [{} for _ in range(K)]  # by microbatch
         metrics: Metrics = {}
 
         def send_back(m: int, k: int, sent: dict[int, jax.Array]) -> None:
@@ -246,7 +267,7 @@ class MPMDExecutor:
                     out = self.forward[k](*args, microbatch(m, k), st.rng[k], step[k], m)
                     vjps[(m, k)], stage_state[k]["stage"], dh, mets = out
                     cots.setdefault((m, k), {})[k] = dh
-                    stage_metrics[k].append(mets)
+                    stage_metrics[k][m] = mets
             elif kind == OpKind.AUX:
                 g = grad_sum[k]
                 out = self.head[k](
@@ -258,10 +279,11 @@ class MPMDExecutor:
                     step[k],
                     m,
                     g["head"],
+                    count(m, k),
                 )
                 g["head"], stage_state[k]["head"], dh, mets = out
                 cots.setdefault((m, k), {})[k] = dh
-                stage_metrics[k].append(mets)
+                stage_metrics[k][m] = mets
             elif kind == OpKind.INPUT_VJP:
                 out = ops.input_vjp_op(vjps[(m, k)], cots[(m, k)][j])
                 send_back(m, k, {j: out})
@@ -269,13 +291,16 @@ class MPMDExecutor:
             elif kind in (OpKind.PARAM_VJP, OpKind.BACKWARD):
                 needed = {jj for jj, _ in self.plan[k].train_on}
                 cot = {jj: c for jj, c in cots[(m, k)].items() if jj in needed}
-                out = self.backward[k](vjps[(m, k)], cot, grad_sum[k]["stage"])
+                out = self.backward[k](vjps[(m, k)], cot, grad_sum[k]["stage"], count(m, k))
                 grad_sum[k]["stage"], sent = out
                 send_back(m, k, sent)
                 release(m, k)
             elif kind == OpKind.UPDATE:
-                grads = grad_sum[k] if k < K - 1 else {"stage": grad_sum[k]["stage"]}
-                out = self.update[k](params[k], opt_state[k], grads, step[k], stage_metrics[k])
+                # No "head" on the last stage, nor without aux heads (e2e).
+                grads = {name: g for name, g in grad_sum[k].items() if g is not None}
+                mets = [stage_metrics[k][i] for i in sorted(stage_metrics[k])]
+                counts = [count(i, k) for i in range(M)] if weighted else None
+                out = self.update[k](params[k], opt_state[k], grads, step[k], mets, counts)
                 params[k], opt_state[k], step[k], mets = out
                 metrics.update(mets)
             if trace is not None:

@@ -195,9 +195,11 @@ class SPMDExecutor:
         params, opt_state, stacked = stage_fn(st.params, st.opt_state, split, rng)
         metrics: Metrics = {}
         for k in range(self.K):
-            names = loss_metrics(k, self.K, 0, {n: 0 for n in stacked["loss_fn"]})
-            values = [stacked["loss"][k], *(stacked["loss_fn"][n][k] for n in stacked["loss_fn"])]
-            metrics.update(dict(zip(names, values)))
+            if self.clock.heads[k]:  # not the aux heads of e2e
+                names = loss_metrics(k, self.K, 0, {n: 0 for n in stacked["loss_fn"]})
+                loss_fn = stacked["loss_fn"]
+                values = [stacked["loss"][k], *(loss_fn[n][k] for n in loss_fn)]
+                metrics.update(dict(zip(names, values)))
             metrics[f"grad_norm/{k}"] = stacked["grad_norm"][k]
             metrics[f"param_norm/{k}"] = stacked["param_norm"][k]
         if squeeze:

@@ -9,7 +9,8 @@ n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage 
 
   1. forwards microbatch q of step s if q < M (input: the embedding on stage 0, else the
      activation received from stage k - 1) and stores the VJP residuals in slot u mod S;
-  2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list;
+  2. runs its head: ∂(w_k L_k)/∂h_k is lane 0 of its cotangent list (without aux heads,
+     e2e, only the last stage has a head; lane 0 of the others is empty);
   3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
      k + 1) belongs to microbatch q - 2i of step s; lanes are buffered per microbatch;
   4. takes the input VJPs of the lanes i whose loss k + i it must send back
@@ -18,7 +19,8 @@ n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage 
   5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)
      (its last lane arrives this tick), and accumulates the gradient;
   6. at q = M - 1 + 2 i*(k), after its last parameter VJP of step s, updates its own
-     slot (gradient mean over M microbatches, one update per step), so that its
+     slot (gradient mean over M microbatches, each counted by its tokens on padded
+     batches as in `ilbp.train.accumulate_grads`; one update per step), so that its
      forwards of step s + 1, from q = 0 of the next period, use θ_k after step s;
   7. sends h_k right (`ppermute`).
 
@@ -36,16 +38,18 @@ per tick, though its list has K - 1 lanes, mostly NaN).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ilbp.losses import loss_count
 from ilbp.mesh import STAGE_AXIS
-from ilbp.pipeline.homogeneous import HEAD, PROLOGUE, HomogeneousStages
-from ilbp.stage import Batch
+from ilbp.pipeline.homogeneous import BODY, HEAD, PROLOGUE, HomogeneousStages
+from ilbp.stage import Batch, Params
 from ilbp.strategy import Strategy
 
 
@@ -58,6 +62,8 @@ class Clock:
       reach: i*(k) per stage, the farthest loss it trains on (relative to k).
       coef: K × n_ coefficients c_{k,i} of ∂L_{k+i}/∂h_k in stage k's parameter VJP.
       weights: per stage, the weight of its head's loss (1 for the final loss).
+      heads: per stage, whether its head runs: every stage's, or without aux heads (e2e)
+        only the last stage's (its output layer).
       send_lanes: K × width lanes each stage sends back, padded with the unused lane n_-1.
       slots: S, residual buffer slots per stage (a microbatch's residuals live 2 i* ticks).
       period: P = M + 2 max_k i*(k), ticks per step per stage.
@@ -70,6 +76,7 @@ class Clock:
     reach: tuple[int, ...]
     coef: np.ndarray
     weights: np.ndarray
+    heads: np.ndarray
     send_lanes: np.ndarray
     slots: int
     period: int
@@ -97,6 +104,7 @@ class Clock:
             reach=reach,
             coef=coef,
             weights=weights,
+            heads=np.array([plan.aux_heads or k == K - 1 for k in range(K)]),
             send_lanes=send_lanes,
             slots=2 * max(reach) + 1,
             period=M + 2 * max(reach),
@@ -110,6 +118,377 @@ class Clock:
 
 def _where(mask, tree, fill):
     return jax.tree.map(lambda x: jnp.where(mask, x, jnp.asarray(fill, x.dtype)), tree)
+
+
+def _nan_like(proto, *lead: int) -> jax.Array:
+    """NaN (0 for integer dtypes) of proto's shape, with leading axes `lead`."""
+    fill = jnp.nan if jnp.issubdtype(proto.dtype, jnp.floating) else 0
+    return jnp.full((*lead, *proto.shape), fill, proto.dtype)
+
+
+def _zeros(tree: Any) -> Any:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _trunk(params: Params) -> Params:
+    """The parameters a stage's forward uses: prologue and body (not the head)."""
+    return {PROLOGUE: params[PROLOGUE], BODY: params[BODY]}
+
+
+def _forward(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, tokens) -> jax.Array:
+    h0 = hom.prologue(trunk[PROLOGUE], tokens)
+    x = jnp.where(k == 0, h0, x_in)  # stage 0 starts from its embedding
+    return hom.body(trunk[BODY], x)
+
+
+def _forward_vjp(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, tokens):
+    """(h_k, the VJP of h_k with respect to (trunk, x_in))."""
+    return jax.vjp(lambda p, x: _forward(hom, k, p, x, tokens), trunk, x_in)
+
+
+@flax.struct.dataclass
+class Carry:
+    """What stage k carries from one clock tick to the next (h: b × T × D, one microbatch's
+    activation; S slots, n_ lanes as in `Clock`).
+
+    Attributes:
+      params, opt_state: θ_k in the uniform layout, and its optimizer state.
+      x_in: h, the activation received from stage k - 1 at the last tick.
+      cot_in: (n_ - 1) × h, lanes 1..n_-1 of the cotangent list received from stage k + 1
+        (0 × h when n_ = 1).
+      res: per VJP residual, S × ...: a microbatch's residuals in slot u mod S.
+      cots: S × n_ × h, the cotangent lists buffered by their microbatch's slot.
+      grads, hgrads: the trunk's and the head's gradient sums over the step's microbatches.
+      sums: per step (T), the sums of loss and loss_fn over microbatches, and the gradient
+        and parameter norms at the step's update.
+    """
+
+    params: Params
+    opt_state: Any
+    x_in: jax.Array
+    cot_in: jax.Array
+    res: list[jax.Array]
+    cots: jax.Array
+    grads: Params
+    hgrads: Params
+    sums: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Stage:
+    """Stage k's constants inside the program (built by `of`, inside `jax.shard_map`).
+
+    split: T × M × b × ... microbatches; reach, coef, weight, has_head: stage k's row of
+    the clock's; counts: T × M `loss_count`s of the microbatches when they are
+    token-weighted (M > 1 and the batch has weights), else None (`ilbp.train`'s rule);
+    h: one activation's shape; res_protos/res_treedef: its forward VJP's residuals.
+    """
+
+    clock: Clock
+    hom: HomogeneousStages
+    tx: optax.GradientTransformation
+    split: Batch
+    k: jax.Array
+    reach: jax.Array
+    coef: jax.Array
+    weight: jax.Array
+    has_head: jax.Array
+    counts: jax.Array | None
+    h: jax.ShapeDtypeStruct
+    res_protos: list[jax.ShapeDtypeStruct]
+    res_treedef: Any
+
+    @classmethod
+    def of(cls, clock, hom, tx, params0: Params, split: Batch) -> _Stage:
+        k = jax.lax.axis_index(STAGE_AXIS)
+        tokens0 = split[hom.model.input_key][0, 0]
+        h = jax.eval_shape(lambda: _forward(hom, k, _trunk(params0), jnp.zeros(()), tokens0))
+        zeros_h = jnp.zeros(h.shape, h.dtype)
+        _, vjp_proto = jax.eval_shape(
+            lambda: _forward_vjp(hom, k, _trunk(params0), zeros_h, tokens0)
+        )
+        res_protos, res_treedef = jax.tree.flatten(vjp_proto)
+        counts = None
+        if clock.microbatches > 1 and loss_count(split) is not None:
+            counts = jax.vmap(jax.vmap(loss_count))(split)  # over every data shard
+        return cls(
+            clock=clock,
+            hom=hom,
+            tx=tx,
+            split=split,
+            k=k,
+            reach=jnp.asarray(clock.reach)[k],
+            coef=jnp.asarray(clock.coef)[k],
+            weight=jnp.asarray(clock.weights)[k],
+            has_head=jnp.asarray(clock.heads)[k],
+            counts=counts,
+            h=h,
+            res_protos=res_protos,
+            res_treedef=res_treedef,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return jax.tree.leaves(self.split)[0].shape[0]
+
+    def microbatch(self, s: jax.Array, m: jax.Array) -> Batch:
+        """Microbatch m of step s (indices clipped into range: bubbles read a real one)."""
+        T, M = self.num_steps, self.clock.microbatches
+        return jax.tree.map(lambda x: x[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)], self.split)
+
+    def weighted(self, s: jax.Array, m: jax.Array, tree: Any) -> Any:
+        """Microbatch m of step s's contribution to a sum: its count × tree if token-
+        weighted, else tree (then sums are divided by M)."""
+        if self.counts is None:
+            return tree
+        T, M = self.num_steps, self.clock.microbatches
+        count = self.counts[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)]
+        return jax.tree.map(lambda x: count.astype(x.dtype) * x, tree)
+
+    def step_divisor(self, s: jax.Array) -> jax.Array | int:
+        """What step s's sums are divided by to be the full batch's means."""
+        if self.counts is None:
+            return self.clock.microbatches
+        return jnp.maximum(jnp.sum(self.counts[s], -1), 1.0)
+
+    def forward_vjp(self, trunk: Params, x_in: jax.Array, s: jax.Array, m: jax.Array):
+        tokens = self.microbatch(s, m)[self.hom.model.input_key]
+        return _forward_vjp(self.hom, self.k, trunk, x_in, tokens)
+
+    def vjp(self, res: list[jax.Array], slot: jax.Array, cotangent: jax.Array):
+        """(∂trunk, ∂x_in) of the forward whose residuals are in `slot`."""
+        return jax.tree.unflatten(self.res_treedef, [r[slot] for r in res])(cotangent)
+
+    def head_loss(self, p_head: Params, h: jax.Array, batch: Batch):
+        """(w_k L_k, (L_k, loss_fn metrics)): the aux loss on k < K - 1, the model's on K - 1."""
+        hom, K = self.hom, self.clock.num_stages
+        logits = hom.head(p_head, h)
+        if hom.aux_loss is hom.loss:
+            loss, m = hom.loss(logits, batch)
+        else:
+            loss, m = jax.lax.cond(
+                self.k == K - 1,
+                lambda: hom.loss(logits, batch),
+                lambda: hom.aux_loss(logits, batch),
+            )
+        return self.weight * loss, (loss, m)
+
+    def norm(self, tree: Params) -> jax.Array:
+        """The norm of θ_k as the single program sees it (its head slot is θ_{K-1}'s
+        output layer; the prologue is stage 0's only)."""
+        k, K = self.k, self.clock.num_stages
+
+        def sq(t):
+            return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
+
+        total = sq(tree[BODY]) + jnp.where(k == 0, sq(_where(k == 0, tree[PROLOGUE], 0)), 0)
+        return jnp.sqrt(total + jnp.where(k == K - 1, sq(tree[HEAD]), 0))
+
+    def update(self, params, opt_state, grads, hgrads, s):
+        """Step s's mean gradient; padding slots get zero gradient and stay NaN. A head
+        that does not run (e2e) gets zero gradient and keeps its parameters, as
+        `ilbp.train.apply_gradients` does."""
+        k, M = self.k, self.clock.microbatches
+        grads = {PROLOGUE: grads[PROLOGUE], BODY: grads[BODY], HEAD: hgrads}
+        if M > 1:
+            divisor = self.step_divisor(s)
+            grads = jax.tree.map(lambda g: g / jnp.asarray(divisor, g.dtype), grads)
+        grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        new[PROLOGUE] = _where(k == 0, new[PROLOGUE], jnp.nan)
+        keep = lambda a, b: jnp.where(self.has_head, a, b)
+        new[HEAD] = jax.tree.map(keep, new[HEAD], params[HEAD])
+        return new, opt_state, self.norm(grads), self.norm(new)
+
+
+class _Tick(NamedTuple):
+    """Where stage k is at clock tick τ: its local tick u = τ - k = s·P + q."""
+
+    u: jax.Array
+    s: jax.Array  # the step
+    q: jax.Array  # the phase within it
+    live: jax.Array  # inside the T steps
+    forwards: jax.Array  # it forwards microbatch q of step s (and runs its head)
+
+    @classmethod
+    def of(cls, stage: _Stage, tau: jax.Array) -> _Tick:
+        P_, M = stage.clock.period, stage.clock.microbatches
+        u = tau - stage.k
+        s = jnp.floor_divide(u, P_)
+        q = u - s * P_
+        live = (u >= 0) & (s < stage.num_steps)
+        return cls(u, s, q, live, live & (q < M))
+
+
+class _Lanes(NamedTuple):
+    """This tick's cotangent list, lane i for microbatch q - 2i."""
+
+    slot: jax.Array  # n_: the residual slot of each lane's microbatch
+    valid: jax.Array  # n_: a real cotangent (loss k + i exists, microbatch in [0, M))
+    cot: jax.Array  # n_ × h, NaN where not valid
+
+
+# The tick's steps (module docstring). Work a stage does not have this tick (a bubble) is
+# skipped on its device (`lax.cond`, per device: no collective inside) and yields NaN, as if
+# it had run on NaN; the masks keep it out of every sum.
+
+
+def _forward_step(st: _Stage, c: Carry, t: _Tick) -> tuple[Carry, jax.Array]:
+    """1. Forward microbatch q of step s; its VJP residuals go to slot u mod S. Returns h."""
+
+    def forward(x_in):
+        h, vjp_fn = st.forward_vjp(_trunk(c.params), x_in, t.s, t.q)
+        return h, jax.tree.leaves(vjp_fn)
+
+    def bubble(_):
+        return _nan_like(st.h), [_nan_like(r) for r in st.res_protos]
+
+    h, leaves = jax.lax.cond(t.forwards, forward, bubble, c.x_in)
+    res = [r.at[t.u % st.clock.slots].set(x) for r, x in zip(c.res, leaves)]
+    return c.replace(res=res), h
+
+
+def _head_step(st: _Stage, c: Carry, t: _Tick, h: jax.Array) -> tuple[Carry, jax.Array]:
+    """2. The head on h (if stage k has one: not the aux heads of e2e): loss and metrics
+    into the step's sums, ∂φ_k into hgrads. Returns ∂(w_k L_k)/∂h_k, lane 0 of the
+    cotangent list (NaN without a head)."""
+
+    def head(h):
+        grad_fn = jax.value_and_grad(st.head_loss, argnums=(0, 1), has_aux=True)
+        return grad_fn(c.params[HEAD], h, st.microbatch(t.s, t.q))
+
+    runs = t.forwards & st.has_head
+    shapes = jax.eval_shape(head, h)
+    bubble = lambda _: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), shapes)
+    (_, (loss, mets)), (dphi, dh) = jax.lax.cond(runs, head, bubble, h)
+    dphi, loss, mets = st.weighted(t.s, t.q, (dphi, loss, mets))
+    hgrads = jax.tree.map(lambda a, g: a + jnp.where(runs, g, 0), c.hgrads, dphi)
+    step = jnp.clip(t.s, 0, st.num_steps - 1)
+    add_at = lambda a, v: a.at[step].add(jnp.where(runs, v, 0))
+    sums = {
+        **c.sums,
+        "loss": add_at(c.sums["loss"], loss),
+        "loss_fn": jax.tree.map(add_at, c.sums["loss_fn"], mets),
+    }
+    return c.replace(hgrads=hgrads, sums=sums), dh
+
+
+def _cotangent_list(st: _Stage, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carry, _Lanes]:
+    """3. The list [dh, received lanes], buffered per microbatch slot."""
+    K, M, S, n_ = st.clock.num_stages, st.clock.microbatches, st.clock.slots, st.clock.lanes
+    lane = jnp.arange(n_)
+    q_N = t.q - 2 * lane
+    slot_N = (t.u - 2 * lane) % S
+    valid_N = t.live & (st.k + lane <= K - 1) & (q_N >= 0) & (q_N < M)
+    valid_N = valid_N & ((lane > 0) | st.has_head)  # lane 0 is the head's
+    list_N = jnp.concatenate([dh[None], c.cot_in], 0) if n_ > 1 else dh[None]
+    list_N = jnp.where(valid_N.reshape(-1, *[1] * dh.ndim), list_N, jnp.nan)
+    cots = c.cots.at[slot_N, lane].set(list_N)
+    return c.replace(cots=cots), _Lanes(slot_N, valid_N, list_N)
+
+
+def _send_input_vjps(st: _Stage, c: Carry, lanes: _Lanes) -> Carry:
+    """4. Input VJPs of the lanes the plan sends back, sent left as lanes i + 1."""
+    clock = st.clock
+    if clock.lanes == 1:
+        return c
+    if clock.send_lanes.shape[1]:
+        send = jnp.asarray(clock.send_lanes)[st.k]
+        dx = jax.lax.cond(
+            jnp.any(lanes.valid[send]),
+            lambda: jax.vmap(lambda s, g: st.vjp(c.res, s, g)[1])(
+                lanes.slot[send], lanes.cot[send]
+            ),
+            lambda: jnp.full((len(clock.send_lanes[0]), *st.h.shape), jnp.nan, st.h.dtype),
+        )
+        # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
+        sent = jnp.full_like(c.cot_in, jnp.nan).at[send].set(dx, mode="drop")
+    else:
+        sent = jnp.full_like(c.cot_in, jnp.nan)
+    perm = [(j + 1, j) for j in range(clock.num_stages - 1)]
+    return c.replace(cot_in=jax.lax.ppermute(sent, STAGE_AXIS, perm))
+
+
+def _parameter_vjp(st: _Stage, c: Carry, t: _Tick) -> Carry:
+    """5. One parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)."""
+    M, S, n_ = st.clock.microbatches, st.clock.slots, st.clock.lanes
+    q_w = t.q - 2 * st.reach
+    slot_w = (t.u - 2 * st.reach) % S
+    valid_w = t.live & (q_w >= 0) & (q_w < M)
+    lead = (-1, *[1] * len(st.h.shape))
+    used = st.coef != 0
+    terms = jnp.where(used.reshape(lead), st.coef.reshape(lead) * c.cots[slot_w], 0)
+    total = terms[0]
+    for i in range(1, n_):
+        total = total + terms[i]
+    dtheta = jax.lax.cond(
+        valid_w,
+        lambda: st.vjp(c.res, slot_w, total)[0],
+        lambda: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), c.grads),
+    )
+    dtheta = st.weighted(t.s, q_w, dtheta)
+    grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), c.grads, dtheta)
+    return c.replace(grads=grads)
+
+
+def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
+    """6. After its last parameter VJP of step s, stage k updates θ_k, φ_k and restarts
+    its gradient sums."""
+
+    def update(args):
+        params, opt_state, grads, hgrads, sums = args
+        params, opt_state, g_norm, p_norm = st.update(params, opt_state, grads, hgrads, t.s)
+        sums = {
+            **sums,
+            "grad_norm": sums["grad_norm"].at[t.s].set(g_norm),
+            "param_norm": sums["param_norm"].at[t.s].set(p_norm),
+        }
+        return params, opt_state, _zeros(grads), _zeros(hgrads), sums
+
+    last = t.live & (t.q == st.clock.microbatches - 1 + 2 * st.reach)
+    args = (c.params, c.opt_state, c.grads, c.hgrads, c.sums)
+    params, opt_state, grads, hgrads, sums = jax.lax.cond(last, update, lambda a: a, args)
+    return c.replace(params=params, opt_state=opt_state, grads=grads, hgrads=hgrads, sums=sums)
+
+
+def _tick(st: _Stage, tau: jax.Array, c: Carry) -> Carry:
+    """One clock tick of stage k: steps 1-7 of the module docstring."""
+    t = _Tick.of(st, tau)
+    c, h = _forward_step(st, c, t)
+    c, dh = _head_step(st, c, t, h)
+    c, lanes = _cotangent_list(st, c, t, dh)
+    c = _send_input_vjps(st, c, lanes)
+    c = _parameter_vjp(st, c, t)
+    c = _update_at_step_end(st, c, t)
+    # 7. activations right
+    K = st.clock.num_stages
+    return c.replace(x_in=jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)]))
+
+
+def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
+    """Buffers NaN until written (a backward reading an unwritten slot fails); sums zero."""
+    T, S, n_, h = st.num_steps, st.clock.slots, st.clock.lanes, st.h
+    per_step = lambda x: jnp.zeros((T, *x.shape), x.dtype)
+    zeros_h = jnp.zeros(h.shape, h.dtype)
+    mets = jax.eval_shape(lambda: st.head_loss(params[HEAD], zeros_h, st.microbatch(0, 0)))
+    sums = {
+        "loss": jnp.zeros((T,)),
+        "loss_fn": jax.tree.map(per_step, mets[1][1]),
+        "grad_norm": jnp.zeros((T,)),
+        "param_norm": jnp.zeros((T,)),
+    }
+    return Carry(
+        params=params,
+        opt_state=opt_state,
+        x_in=_nan_like(h),
+        cot_in=_nan_like(h, n_ - 1),
+        res=[_nan_like(r, S) for r in st.res_protos],
+        cots=_nan_like(h, S, n_),
+        grads=_zeros(_trunk(params)),
+        hgrads=_zeros(params[HEAD]),
+        sums=sums,
+    )
 
 
 def stage_program(
@@ -126,213 +505,18 @@ def stage_program(
     params_1/opt_1: its 1 × ... slices of the stacked parameters and optimizer state;
     split: T × M × b × ... microbatches. Returns its new slices and its metrics (1 × T).
     """
-    K, M, S, n_, P_ = clock.num_stages, clock.microbatches, clock.slots, clock.lanes, clock.period
-    T = jax.tree.leaves(split)[0].shape[0]
-    k = jax.lax.axis_index(STAGE_AXIS)
-    params0 = jax.tree.map(lambda x: x[0], params_1)
-    opt_state0 = jax.tree.map(lambda x: x[0], opt_1)
-    reach = jnp.asarray(clock.reach)[k]
-    coef_N = jnp.asarray(clock.coef)[k]
-    weight = jnp.asarray(clock.weights)[k]
-    key = hom.model.input_key
-    clip = lambda i, n: jnp.clip(i, 0, n - 1)
-    mb = lambda s, m: jax.tree.map(lambda x: x[clip(s, T), clip(m, M)], split)
-    trunk_of = lambda p: {PROLOGUE: p[PROLOGUE], "body": p["body"]}
-
-    def forward(p_trunk, x_in, tokens):
-        h0 = hom.prologue(p_trunk[PROLOGUE], tokens)
-        x = jnp.where(k == 0, h0, x_in)  # stage 0 starts from its embedding
-        return hom.body(p_trunk["body"], x)
-
-    def run_forward(trunk, x_in, s, m, valid):
-        x_in = jnp.where(valid, x_in, jnp.nan)  # bubbles are NaN
-        return jax.vjp(lambda p, x: forward(p, x, mb(s, m)[key]), trunk, x_in)
-
-    trunk0 = trunk_of(params0)
-    tokens0 = split[key][0, 0]
-    h_shape = jax.eval_shape(lambda: forward(trunk0, jnp.zeros(()), tokens0))
-    zeros_h = jnp.zeros(h_shape.shape, h_shape.dtype)
-    zero_i = jnp.zeros((), jnp.int32)
-    _, vjp_proto = jax.eval_shape(run_forward, trunk0, zeros_h, zero_i, zero_i, True)
-    res_protos, res_treedef = jax.tree.flatten(vjp_proto)
-    nan_like = lambda r, *lead: jnp.full(
-        (*lead, *r.shape), jnp.nan if jnp.issubdtype(r.dtype, jnp.floating) else 0, r.dtype
-    )
-    # Residual buffers, NaN until written: a backward reading an unwritten slot fails.
-    res_bufs = [nan_like(r, S) for r in res_protos]
-    nan_h = jnp.full(h_shape.shape, jnp.nan, h_shape.dtype)
-
-    def head_loss(p_head, h, batch):
-        logits = hom.head(p_head, h)
-        if hom.aux_loss is hom.loss:
-            loss, m = hom.loss(logits, batch)
-        else:
-            loss, m = jax.lax.cond(
-                k == K - 1,
-                lambda: hom.loss(logits, batch),
-                lambda: hom.aux_loss(logits, batch),
-            )
-        return weight * loss, (loss, m)
-
-    # Norms of θ_k as the single program sees it (its head slot is θ_{K-1}'s output layer).
-    def sq(t):
-        return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
-
-    def stage_norm(t):
-        total = sq(t["body"]) + jnp.where(k == 0, sq(_where(k == 0, t[PROLOGUE], 0)), 0)
-        return jnp.sqrt(total + jnp.where(k == K - 1, sq(t[HEAD]), 0))
-
-    def update(params, opt_state, grads, hgrads):
-        """Mean gradient; padding slots get zero gradient and stay NaN."""
-        grads = {PROLOGUE: grads[PROLOGUE], "body": grads["body"], HEAD: hgrads}
-        if M > 1:
-            grads = jax.tree.map(lambda g: g / M, grads)
-        grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        params[PROLOGUE] = _where(k == 0, params[PROLOGUE], jnp.nan)
-        return params, opt_state, stage_norm(grads), stage_norm(params)
-
-    def tick(tau, carry):
-        params, opt_state, x_in, cot_in, res, cots, grads, hgrads, sums = carry
-        u = tau - k  # stage k's local tick: phase q of step s
-        s = jnp.floor_divide(u, P_)
-        q = u - s * P_
-        live = (u >= 0) & (s < T)
-        # Work a stage does not have this tick (a bubble) is skipped on its device
-        # (`lax.cond`, per device: no collective inside) and yields NaN, as if it had
-        # run on NaN; the masks below keep it out of every sum.
-
-        # 1. forward of microbatch q of step s
-        valid_f = live & (q < M)
-
-        def forward_op(x_in):
-            h, vjp_fn = run_forward(trunk_of(params), x_in, s, q, True)
-            return h, jax.tree.leaves(vjp_fn)
-
-        h, leaves = jax.lax.cond(
-            valid_f, forward_op, lambda _: (nan_h, [nan_like(r) for r in res_protos]), x_in
-        )
-        res = [r.at[u % S].set(x) for r, x in zip(res, leaves)]
-
-        # 2. head: lane 0
-        def head_op(h):
-            return jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)(
-                params[HEAD], h, mb(s, q)
-            )
-
-        head_shapes = jax.eval_shape(head_op, h)
-        (_, (loss, mets)), (dphi, dh) = jax.lax.cond(
-            valid_f,
-            head_op,
-            lambda _: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), head_shapes),
-            h,
-        )
-        hgrads = jax.tree.map(lambda a, g: a + jnp.where(valid_f, g, 0), hgrads, dphi)
-        add_at = lambda a, v: a.at[clip(s, T)].add(jnp.where(valid_f, v, 0))
-        sums = {
-            **sums,
-            "loss": add_at(sums["loss"], loss),
-            "loss_fn": jax.tree.map(add_at, sums["loss_fn"], mets),
-        }
-        # 3. the cotangent list and its per-microbatch buffer
-        lane_i = jnp.arange(n_)
-        q_N = q - 2 * lane_i
-        slot_N = (u - 2 * lane_i) % S
-        valid_N = live & (k + lane_i <= K - 1) & (q_N >= 0) & (q_N < M)
-        list_N = jnp.concatenate([dh[None], cot_in], 0) if n_ > 1 else dh[None]
-        list_N = jnp.where(valid_N.reshape(-1, *[1] * dh.ndim), list_N, jnp.nan)
-        cots = cots.at[slot_N, lane_i].set(list_N)
-
-        def vjp_of(slot, c):
-            fn = jax.tree.unflatten(res_treedef, [r[slot] for r in res])
-            return fn(c)
-
-        # 4. input VJPs of lanes 0..n_-2, sent left
-        if n_ > 1:
-            if clock.send_lanes.shape[1]:
-                lanes = jnp.asarray(clock.send_lanes)[k]
-                dx = jax.lax.cond(
-                    jnp.any(valid_N[lanes]),
-                    lambda: jax.vmap(lambda s, c: vjp_of(s, c)[1])(slot_N[lanes], list_N[lanes]),
-                    lambda: jnp.full(
-                        (len(clock.send_lanes[0]), *h_shape.shape), jnp.nan, h_shape.dtype
-                    ),
-                )
-                # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
-                sent = jnp.full_like(cot_in, jnp.nan).at[lanes].set(dx, mode="drop")
-            else:
-                sent = jnp.full_like(cot_in, jnp.nan)
-            perm = [(j + 1, j) for j in range(K - 1)]
-            cot_in = jax.lax.ppermute(sent, STAGE_AXIS, perm)
-        # 5. parameter VJP on the combined cotangent of microbatch q - 2 i*(k)
-        q_w = q - 2 * reach
-        slot_w = (u - 2 * reach) % S
-        valid_w = live & (q_w >= 0) & (q_w < M)
-        used = coef_N != 0
-        terms = jnp.where(
-            used.reshape(-1, *[1] * dh.ndim),
-            coef_N.reshape(-1, *[1] * dh.ndim) * cots[slot_w],
-            0,
-        )
-        total = terms[0]
-        for i in range(1, n_):
-            total = total + terms[i]
-        dtheta = jax.lax.cond(
-            valid_w,
-            lambda: vjp_of(slot_w, total)[0],
-            lambda: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), grads),
-        )
-        grads = jax.tree.map(lambda a, g: a + jnp.where(valid_w, g, 0), grads, dtheta)
-
-        # 6. after the last parameter VJP of step s: update θ_k, φ_k; restart the sums
-        def do_update(args):
-            params, opt_state, grads, hgrads, sums = args
-            params, opt_state, g_norm, p_norm = update(params, opt_state, grads, hgrads)
-            sums = {
-                **sums,
-                "grad_norm": sums["grad_norm"].at[s].set(g_norm),
-                "param_norm": sums["param_norm"].at[s].set(p_norm),
-            }
-            return params, opt_state, zeros(grads), zeros(hgrads), sums
-
-        params, opt_state, grads, hgrads, sums = jax.lax.cond(
-            live & (q == M - 1 + 2 * reach),
-            do_update,
-            lambda args: args,
-            (params, opt_state, grads, hgrads, sums),
-        )
-        # 7. activations right
-        x_in = jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)])
-        return params, opt_state, x_in, cot_in, res, cots, grads, hgrads, sums
-
-    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    per_step = lambda x: jnp.zeros((T, *x.shape), x.dtype)
-    mets_shape = jax.eval_shape(lambda: head_loss(params0[HEAD], zeros_h, mb(0, 0))[1][1])
-    sums0 = {
-        "loss": jnp.zeros((T,)),
-        "loss_fn": jax.tree.map(per_step, mets_shape),
-        "grad_norm": jnp.zeros((T,)),
-        "param_norm": jnp.zeros((T,)),
-    }
-    cot_in0 = jnp.full((max(n_ - 1, 1), *h_shape.shape), jnp.nan, h_shape.dtype)
-    carry = (
-        params0,
-        opt_state0,
-        nan_h,
-        cot_in0 if n_ > 1 else cot_in0[:0],
-        res_bufs,
-        jnp.full((S, n_, *h_shape.shape), jnp.nan, h_shape.dtype),
-        zeros(trunk0),
-        zeros(params0[HEAD]),
-        sums0,
-    )
-    params, opt_state, *_, sums = jax.lax.fori_loop(0, clock.ticks(T), tick, carry)
+    params = jax.tree.map(lambda x: x[0], params_1)
+    opt_state = jax.tree.map(lambda x: x[0], opt_1)
+    st = _Stage.of(clock, hom, tx, params, split)
+    carry = _initial_carry(st, params, opt_state)
+    tick = lambda tau, c: _tick(st, tau, c)
+    carry = jax.lax.fori_loop(0, clock.ticks(st.num_steps), tick, carry)
+    sums, divisor = carry.sums, st.step_divisor(jnp.arange(st.num_steps))
     metrics = {
-        "loss": sums["loss"] / M,
-        "loss_fn": jax.tree.map(lambda v: v / M, sums["loss_fn"]),
+        "loss": sums["loss"] / divisor,
+        "loss_fn": jax.tree.map(lambda v: v / divisor, sums["loss_fn"]),
         "grad_norm": sums["grad_norm"],
         "param_norm": sums["param_norm"],
     }
     add = lambda t: jax.tree.map(lambda x: x[None], t)
-    return add(params), add(opt_state), add(metrics)
+    return add(carry.params), add(carry.opt_state), add(metrics)
