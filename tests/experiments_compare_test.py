@@ -61,6 +61,22 @@ def test_compare_writes_results(idx_dir, tmp_path):
     assert fx.tree_digest(str(tmp_path)) == before
 
 
+def test_quality_target():
+    def run(strategy, metric, **test):
+        return {"strategy": strategy, "metric": metric, "test": test}
+
+    # e2e is the reference when compared, then global; LMs are judged by loss.
+    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
+    images.append(run("e2e", "accuracy", accuracy=0.8))
+    target = report.quality_target(images)
+    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
+    assert target.value == pytest.approx(0.98 * 0.85)
+    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
+    target = report.quality_target(text)
+    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
+    assert target.value == pytest.approx(2.0 / 0.98)
+
+
 def test_e2e_rows_show_no_aux_accuracy():
     """e2e's heads are never trained, so its aux columns are empty, not their init's."""
     summaries = [
@@ -80,32 +96,16 @@ def test_e2e_rows_show_no_aux_accuracy():
     config = ml_collections.ConfigDict(
         dict(name="x", batch_size=8, microbatches=1, eval_examples=0, eval_every_steps=1)
     )
-    predictions = {
-        name: costs.Throughput(name, 1, 0.1, 1.0, ratio, None, None)
-        for name, ratio in (("e2e", 1.0), ("pairwise", 1.5))
+    predicted = {
+        name: costs.Throughput(name, 1, 1e-3, 1.0, speedup, None, None)
+        for name, speedup in (("e2e", 1.0), ("pairwise", 1.5))
     }
-    rows = report.aggregate(summaries, predictions, {"e2e": [None], "pairwise": [None]})
+    rows = report.aggregate(summaries, predicted, {"e2e": [None], "pairwise": [1.0]})
     assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
     assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
-    target = report.quality_target(summaries)
+    target = report.QualityTarget("e2e", "accuracy", 0.49, True)
     table, _ = report.render_markdown(rows, summaries, config, target)
     assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
-
-
-def test_quality_target():
-    def run(strategy, metric, **test):
-        return {"strategy": strategy, "metric": metric, "test": test}
-
-    # e2e is the reference when compared, then global; LMs are judged by loss.
-    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
-    images.append(run("e2e", "accuracy", accuracy=0.8))
-    target = report.quality_target(images)
-    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
-    assert target.value == pytest.approx(0.98 * 0.85)
-    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
-    target = report.quality_target(text)
-    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
-    assert target.value == pytest.approx(2.0 / 0.98)
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):
