@@ -24,9 +24,11 @@ CONFIG = "experiments/configs/stdlib_lm.py"
 # Every run: progress bar off, intermediate evals on 512 test windows every 100 steps,
 # the final eval on the first 2048 test windows, a checkpoint every 50 steps (all kept)
 # for the offline probes (scripts/lm_probe.py). The core runs train 400 steps, the
-# sweeps 200 (the cosine schedule then ends at 200) against 200-step references.
+# sweeps 200 (the cosine schedule then ends at 200) against 200-step references. Train
+# metrics every step: the figures plot per-step curves of these short runs.
 COMMON = (
     "--config.progress_bar=False",
+    "--config.log_every_steps=1",
     "--config.final_eval_examples=2048",
 )
 LR = "--config.optimizer.learning_rate="

@@ -129,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: only the final evaluation
     c.eval_examples = 0  # intermediate evals use the first N test examples (0: all)
     c.final_eval_examples = 0  # the final eval uses the first N test examples (0: all)
-    c.log_every_steps = 1  # JSONL/TensorBoard train metrics
+    # JSONL/TensorBoard train metrics; the host looks at the devices only then (and at
+    # evaluations and checkpoints), so steps in between queue up without waiting.
+    c.log_every_steps = 50
     c.checkpoint_every_steps = 100
     c.max_to_keep = 2
     c.progress_bar = True
