@@ -112,7 +112,15 @@ GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 
 
 # The runs whose checkpoints scripts/lm_probe.py reads (outputs: OUT/probe_NAME.csv).
-PROBED = ("global", "local", "pairwise", "pairwise_sum", "pairwise_head_unembed", "pairwise_sgd")
+PROBED = (
+    "global",
+    "pairwise",
+    "pairwise_200",
+    "pairwise_sum",
+    "pairwise_head_unembed",
+    "pairwise_sgd",
+    "global_sgd",
+)
 
 
 def command(name: str, runs_dir: str, arg: str, overrides: tuple[str, ...]) -> list[str]:
