@@ -130,6 +130,16 @@ def test_compare_keeps_the_config_rule_unless_the_name_has_one(idx_dir):
     assert dirs == ["pairwise_sum/seed0", "3wise_mean/seed0", "global/seed0"]
 
 
+def test_compare_runs_e2e_beside_a_rule_and_aux_weight_it_has_no_use_for(idx_dir):
+    c = _config(idx_dir, "k=3,combine=sum")
+    c.aux_weight = 0.5
+    c.compare.strategies, c.compare.seeds = "e2e,pairwise", "0"
+    runs = report.run_configs(c)
+    assert [builders.build_strategy(r).name for r in runs] == ["e2e", "pairwise:sum"]
+    dirs = [os.path.relpath(report.run_dir("w", r), "w") for r in runs]
+    assert dirs == ["e2e/seed0", "pairwise_sum_aux0.5/seed0"]
+
+
 def test_compare_run_directories_name_the_aux_weight(idx_dir):
     c = _config(idx_dir)
     c.compare.seeds = "3"
@@ -138,3 +148,20 @@ def test_compare_run_directories_name_the_aux_weight(idx_dir):
     c.aux_weight = 0.5
     runs = report.run_configs(c)
     assert report.run_dir("w", runs[1]) == os.path.join("w", "pairwise_aux0.5", "seed3")
+
+
+def test_sharded_compare_trains_each_run_once_then_reports(idx_dir, tmp_path):
+    c = _config(idx_dir)
+    assert report.compare(c, str(tmp_path), shard=(0, 2)) is None
+    assert report.compare(c, str(tmp_path), shard=(1, 2)) is None
+    assert not os.path.exists(tmp_path / "results.md")
+    trained = sorted(
+        os.path.join(s, d) for s in ("global", "pairwise") for d in os.listdir(tmp_path / s)
+    )
+    assert trained == ["global/seed0", "global/seed1", "pairwise/seed0", "pairwise/seed1"]
+    before = fx.tree_digest(str(tmp_path / "pairwise"))
+    _, rows = report.compare(c, str(tmp_path))
+    assert [r["seeds"] for r in rows] == [2, 2]
+    assert fx.tree_digest(str(tmp_path / "pairwise")) == before  # read back, not retrained
+    with pytest.raises(ValueError, match="shard 2/2"):
+        report.compare(c, str(tmp_path), shard=(2, 2))

@@ -245,6 +245,11 @@ def train_and_evaluate(
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
     workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
+    final_examples = int(config.get("final_eval_examples", 0))
+    final_src = Prefix(test_src, final_examples) if final_examples else test_src
+    if latest == int(config.num_train_steps) and (done := finished_summary(workdir, final_src)):
+        ckpts.close()
+        return done
     info = train_src.info
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
@@ -264,8 +269,6 @@ def train_and_evaluate(
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     text = info.kind == "text"
-    final_examples = int(config.get("final_eval_examples", 0))
-    final_src = Prefix(test_src, final_examples) if final_examples else test_src
     writer = MetricWriter(workdir)
     end = T if stop_after is None else min(T, int(stop_after))
     wall = time.perf_counter()
@@ -325,6 +328,18 @@ def open_run(
         ckpts.close()
         raise
     return workdir, train_src, test_src, ckpts, latest
+
+
+def finished_summary(workdir: str, final_src: Any) -> dict[str, Any] | None:
+    """WORKDIR/summary.json if it records the final evaluation on `final_src`'s
+    examples (the caller has checked that the checkpoint is the final step), else None:
+    a finished run is not evaluated again when a comparison resumes."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("test_examples") == len(final_src) else None
 
 
 def _write_summary(
