@@ -20,8 +20,10 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags
 from jax._src import clusters
+from jax.experimental import multihost_utils
 
 from experiments.lib.checkpoints import ExperimentError
 
@@ -152,6 +154,22 @@ def initialize(
 def is_primary() -> bool:
     """Whether this process writes the job's files and console output (process 0)."""
     return jax.process_index() == 0
+
+
+def agreed(flag: bool, what: str) -> bool:
+    """`flag`, checked to be the same on every process of the job (a collective: every
+    process calls it, with the same `what`). DistributedError on every process if they
+    differ, e.g. when the workdir is not on a filesystem that all of them see."""
+    if jax.process_count() == 1:
+        return flag
+    flags_ = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    if flags_.min() != flags_.max():
+        raise DistributedError(
+            f"The processes disagree on {what} (process i says {flags_.tolist()}[i]). Put "
+            "--workdir on a filesystem that every process reads and writes (for Orbax's "
+            "multi-host checkpoints too), e.g. NFS or a GCS bucket."
+        )
+    return flag
 
 
 def initialize_from_flags() -> bool:

@@ -43,7 +43,7 @@ from experiments.lib.checkpoints import (
     prepare_workdir,
 )
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
-from experiments.lib.distributed import is_primary
+from experiments.lib.distributed import agreed, is_primary
 from experiments.lib.loop import DeviceBatches, NonFiniteWatch, fetch
 from experiments.lib.metrics import MetricWriter, Prefix, evaluate
 from ilbp import data
@@ -244,6 +244,33 @@ def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int]:
     return 0, 1
 
 
+def _start(
+    config: ml_collections.ConfigDict,
+    built: builders.Built,
+    train_src: Any,
+    ckpts: Checkpoints,
+    latest: int | None,
+) -> tuple[data.BatchIterator, Any, int]:
+    """(this process's batch iterator, executor state, first step): the initial state,
+    or checkpoint `latest` with the iterator moved to its data step."""
+    ex, info = built.executor, train_src.info
+    index, count = train_shard(config, ex)
+    it = data.batches(
+        train_src,
+        int(config.batch_size),
+        seed=int(config.seed),
+        augment=builders.train_augment(config, info),
+        process_index=index,
+        process_count=count,
+    )
+    state = builders.initial_state(built, config, it.batch_at(0))
+    if latest is None:
+        return it, state, 0
+    ts, meta = ckpts.restore(latest, ex.to_train_state(state))
+    it.step = int(meta["data_step"])
+    return it, ex.from_train_state(ts), latest
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -264,32 +291,22 @@ def train_and_evaluate(
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
     workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
+    final_examples = int(config.get("final_eval_examples", 0))
+    final_src = Prefix(test_src, final_examples) if final_examples else test_src
+    if done := finished_summary(workdir, final_src, latest == int(config.num_train_steps)):
+        ckpts.close()
+        return done
     info = train_src.info
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
-    index, count = train_shard(config, ex)
-    it = data.batches(
-        train_src,
-        int(config.batch_size),
-        seed=int(config.seed),
-        augment=builders.train_augment(config, info),
-        process_index=index,
-        process_count=count,
-    )
-    state = builders.initial_state(built, config, it.batch_at(0))
-    start = 0
-    if latest is not None:
-        ts, meta = ckpts.restore(latest, ex.to_train_state(state))
-        state, start, it.step = ex.from_train_state(ts), latest, int(meta["data_step"])
-        if is_primary():
-            print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
+    it, state, start = _start(config, built, train_src, ckpts, latest)
     if is_primary():
+        if start:
+            print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     text = info.kind == "text"
-    final_examples = int(config.get("final_eval_examples", 0))
-    final_src = Prefix(test_src, final_examples) if final_examples else test_src
     writer = MetricWriter(workdir, enabled=is_primary())
     end = T if stop_after is None else min(T, int(stop_after))
     wall = time.perf_counter()
@@ -351,6 +368,22 @@ def open_run(
     return workdir, train_src, test_src, ckpts, latest
 
 
+def finished_summary(workdir: str, final_src: Any, at_end: bool) -> dict[str, Any] | None:
+    """WORKDIR/summary.json if the checkpoint is the final step (`at_end`) and the summary
+    records the final evaluation on `final_src`'s examples, else None: a finished run is
+    not evaluated again when a comparison resumes. Every process of a job must agree
+    (`distributed.agreed`), or none would know whether the others train."""
+    summary = None
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if at_end and os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("test_examples") != len(final_src):
+            summary = None
+    finished = agreed(summary is not None, f"whether {workdir} holds a finished run")
+    return summary if finished else None
+
+
 def _write_summary(
     workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
 ) -> dict[str, Any]:
@@ -367,9 +400,11 @@ def _write_summary(
         "wall_time_s": wall_time + previous["wall_time_s"],
         "workdir": workdir,
     }
-    if is_primary():
-        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+    if is_primary():  # whole or not at all: the other processes may read it next
+        path = os.path.join(workdir, SUMMARY_FILE)
+        with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
     return summary
 
 
