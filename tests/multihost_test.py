@@ -209,9 +209,10 @@ def _written_once(workdir) -> None:
 def test_data_parallel_training_across_processes(tmp_path):
     """A data-parallel ResNet on 2 processes × 4 devices (tests/multihost_worker.py,
     --case=train) trains, evaluates and checkpoints as on 1 process × 8 devices;
-    interrupted and resumed on 2 processes, or resumed on 1, it is the same run; a NaN in
-    process 1's rows stops every process with the same error; bad meshes and mpmd are
-    refused before anything is written."""
+    interrupted and resumed on 2 processes, or resumed on 1, it is the same run; so is a
+    comparison's run, and the comparison's report is written once; a NaN in process 1's
+    rows stops every process with the same error; bad meshes and mpmd are refused before
+    anything is written."""
     from experiments.lib import trainer
     from tests import experiments_fixtures as fx
     from tests.multihost_worker import train_config
@@ -222,6 +223,7 @@ def test_data_parallel_training_across_processes(tmp_path):
     )
     log = out.stdout[-6000:] + out.stderr[-2000:]
     assert "[0] BAD OK" in out.stdout and "[1] BAD OK" in out.stdout, log
+    assert "[0] COMPARE OK" in out.stdout and "[1] COMPARE OK" in out.stdout, log
     error = "error: aux/0/loss = nan at step 3, stage 0 (of K=2); training stopped. No checkpoint"
     assert f"[0] {error}" in out.stdout and f"[1] {error}" in out.stdout, log
     assert out.returncode == 1 and not (root / "nan" / "checkpoints" / "5").exists(), log
@@ -235,6 +237,15 @@ def test_data_parallel_training_across_processes(tmp_path):
                              (root / "cut5", resumed)):  # fmt: skip
         _assert_same_run(workdir, tmp_path / "single", summary, single)
     _written_once(root / "full")
+    cmp = root / "cmp"
+    with open(cmp / "runs.csv") as f:
+        assert len(f.readlines()) == 3  # a header and seeds 0, 1
+    assert (cmp / "results.md").exists()
+    printed = [line for line in out.stdout.splitlines() if "| pairwise | K=2 | seed" in line]
+    assert len(printed) == 3 and all(line.startswith("[0] ") for line in printed), printed
+    (seed0,) = (d / "seed0" for d in cmp.iterdir() if (d / "seed0").is_dir())
+    assert _summary(seed0)["test"] == _summary(root / "full")["test"]  # the same run
+    _written_once(seed0)
 
 
 SPMD_ARG = "pairwise,k=2,executor=spmd"

@@ -4,14 +4,16 @@
 
 --case=batches: the global batch assembled from process-local rows on (stage × data) meshes
   equals the single-process batch; evaluation sees every example once; a mesh that leaves
-  devices unused is refused. Prints "OK <process> <shards>".
+  devices unused is refused; processes that disagree (`distributed.agreed`) all raise.
+  Prints "OK <process> <shards>".
 --case=fail: process 1 dies (status 3, no clean-up) while process 0 waits for it in a
   collective.
 --case=train --root=DIR --idx=DIR: `train_and_evaluate` of `train_config(DIR)` across
   the processes: bad configs refused (prints "BAD OK"); ROOT/full trained 10 steps;
-  ROOT/cut stopped at step 5 (copied to ROOT/cut5) and resumed to 10; then ROOT/nan,
-  where process 1's rows of batch 3 are NaN: every process exits with the trainer's
-  error, as `experiments.train` does.
+  ROOT/cut stopped at step 5 (copied to ROOT/cut5) and resumed to 10; ROOT/cmp, a
+  comparison of seeds 0 and 1 (`check_compare`); then ROOT/nan, where process 1's rows
+  of batch 3 are NaN: every process exits with the trainer's error, as
+  `experiments.train` does.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _gathered(local, mesh):
 
 
 def check_batches() -> list[tuple[int, int]]:
+    import jax
+
     import ilbp
     from ilbp import data
     from ilbp.mesh import process_batch_shard
@@ -74,6 +78,13 @@ def check_batches() -> list[tuple[int, int]]:
         assert "unused" in str(e), e
     else:
         raise AssertionError("a mesh of 4 of the 8 devices was accepted")
+    assert distributed.agreed(True, "x")
+    try:
+        distributed.agreed(jax.process_index() == 0, "whether it works")
+    except distributed.DistributedError as e:
+        assert "disagree on whether it works (process i says [1, 0][i])" in str(e), e
+    else:
+        raise AssertionError("processes that disagree were not refused")
     return shards
 
 
@@ -93,6 +104,37 @@ BAD = [  # (overrides, what the error says)
     ({"data_parallel": 16}, "needs 16 devices; the job has 8 devices (2 processes × 4)"),
     ({"data_parallel": 4}, "set config.data_parallel=8"),
 ]
+
+
+def check_compare(root: str, idx_dir: str) -> None:
+    """`report.compare` across the processes: shard 0/2 trains seed 0; the whole
+    comparison then trains seed 1, reads seed 0 back from its summary (its metrics are
+    not appended to) and process 0 alone writes the report. Process 1 starts late, so
+    that what it finds on disk would differ had the processes not agreed on it before
+    process 0 created anything. Prints "COMPARE OK"."""
+    import glob
+    import time
+
+    import jax
+
+    from experiments.lib import report
+
+    c = train_config(idx_dir)
+    c.compare.strategies, c.compare.seeds = "pairwise", "0,1"
+    primary = jax.process_index() == 0  # the process that writes
+    if not primary:
+        time.sleep(3)
+    assert report.compare(c, root + "/cmp", shard=(0, 2)) is None
+    if primary:
+        (seed0,) = glob.glob(root + "/cmp/*/seed0/metrics.jsonl")
+        with open(seed0) as f:
+            records = f.readlines()
+    result = report.compare(c, root + "/cmp")
+    assert (result is not None) == primary, result
+    if primary:
+        with open(seed0) as f:
+            assert f.readlines() == records
+    print("COMPARE OK", flush=True)
 
 
 def check_training(root: str, idx_dir: str) -> None:
@@ -121,6 +163,7 @@ def check_training(root: str, idx_dir: str) -> None:
         shutil.copytree(root + "/cut", root + "/cut5")
     multihost_utils.sync_global_devices("copied")
     trainer.train_and_evaluate(c, root + "/cut")
+    check_compare(root, idx_dir)
     place, placed = trainer.batch_placement, []
 
     def poisoned(config, ex):

@@ -156,20 +156,21 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def agreed(flag: bool, what: str) -> bool:
-    """`flag`, checked to be the same on every process of the job (a collective: every
-    process calls it, with the same `what`). DistributedError on every process if they
-    differ, e.g. when the workdir is not on a filesystem that all of them see."""
+def agreed(value: int, what: str) -> int:
+    """`value` (an int or bool), checked to be the same on every process of the job (a
+    collective: every process calls it, in the same order). DistributedError on every
+    process if they differ, e.g. when the workdir is not on a filesystem that all of
+    them see: a process that went its own way would wait forever in the next collective."""
     if jax.process_count() == 1:
-        return flag
-    flags_ = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-    if flags_.min() != flags_.max():
+        return value
+    values = multihost_utils.process_allgather(np.asarray(int(value), np.int32))
+    if values.min() != values.max():
         raise DistributedError(
-            f"The processes disagree on {what} (process i says {flags_.tolist()}[i]). Put "
+            f"The processes disagree on {what} (process i says {values.tolist()}[i]). Put "
             "--workdir on a filesystem that every process reads and writes (for Orbax's "
             "multi-host checkpoints too), e.g. NFS or a GCS bucket."
         )
-    return flag
+    return value
 
 
 def initialize_from_flags() -> bool:

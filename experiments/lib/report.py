@@ -29,7 +29,7 @@ import ml_collections
 
 from experiments.lib import builders, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
-from experiments.lib.distributed import is_primary
+from experiments.lib.distributed import agreed, is_primary
 from experiments.lib.metrics import METRICS_FILE, read_metrics
 from ilbp import costs, data
 from ilbp.strategy import Strategy
@@ -90,10 +90,12 @@ def run_dir(workdir: str, c: ml_collections.ConfigDict) -> str:
 
 
 def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.DatasetInfo) -> None:
-    """Refuses (before any training) if some run's existing checkpoint is incompatible."""
+    """Refuses (before any training) if some run's existing checkpoint is incompatible.
+    Every process of a job looks at the same runs, before any of them creates one."""
     for c in runs:
         directory = run_dir(workdir, c)
-        if not os.path.isdir(os.path.join(directory, "checkpoints")):
+        found = os.path.isdir(os.path.join(directory, "checkpoints"))
+        if not agreed(found, f"whether {directory} has checkpoints"):
             continue
         ckpts = Checkpoints(directory, trainer.fingerprint(c, info))
         try:

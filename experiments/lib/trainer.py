@@ -95,6 +95,7 @@ def resumable_step(ckpts: Checkpoints, num_train_steps: int) -> int | None:
     """The step of the latest checkpoint if the config may resume from it (None: start
     fresh). IncompatibleCheckpointError, before any file is changed, if not."""
     latest = ckpts.latest_step()
+    agreed(-1 if latest is None else latest, f"the latest checkpoint in {ckpts.directory}")
     if latest is None:
         return None
     ckpts.check_compatible(latest)
