@@ -200,6 +200,7 @@ def test_corrupt_checkpoint_is_reported_untouched(trained, idx_dir, tmp_path, pa
 
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
+    os.remove(os.path.join(workdir, trainer.SUMMARY_FILE))  # else it is read back, not step 2
     step_dir = os.path.join(workdir, "checkpoints", "2", part)
     for root, _, files in os.walk(step_dir):
         for name in files:
