@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import ilbp
-from experiments.launch import free_port
+from experiments.launch import child_env, free_port
 from experiments.lib import distributed
 from ilbp import data
 from ilbp.mesh import DATA_AXIS, batch_sharding, global_batch, process_batch_shard
@@ -97,6 +97,30 @@ def test_launch_stops_the_others_when_a_process_dies():
     assert seconds < 90  # start-up, then at most 2 × grace_s to stop process 0
 
 
+def test_the_others_exit_when_a_process_dies_without_the_launcher():
+    """Started as srun or a TPU pod would (no experiments.launch to stop them): process 1
+    dies, and JAX's coordination service stops process 0 once process 1 has missed
+    its heartbeats for --heartbeat_timeout_s, with a message saying why."""
+    address, start = f"localhost:{free_port()}", time.monotonic()
+    flags = [f"--coordinator_address={address}", "--num_processes=2", "--heartbeat_timeout_s=3"]
+    env = {**child_env(4), "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "tests.multihost_worker", "--case=fail", *flags]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [
+        subprocess.Popen([*command, f"--process_id={i}"], cwd=ROOT, env=env, **pipes)
+        for i in range(2)
+    ]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[1].wait(timeout=30) == 3
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode not in (0, None), err[-3000:]
+    assert "This most likely indicates that another task died" in err, err[-3000:]
+    assert time.monotonic() - start < 90  # start-up, then about 3 s of missed heartbeats
+
+
 # ----------------------------------------------------------------------- start-up
 
 
@@ -109,12 +133,14 @@ def test_launch_stops_the_others_when_a_process_dies():
         ((None, 2, 0), "--coordinator_address missing"),
         (("localhost", 2, 0), "is not HOST:PORT"),
         (("localhost:1234", 0, 0), "--num_processes=0 must be ≥ 1"),
+        (("localhost:1234", 2, 0, 0), "--heartbeat_timeout_s=0 must be ≥ 1"),
     ],
 )
 def test_bad_process_flags(monkeypatch, args, message):
     monkeypatch.setattr(jax.distributed, "initialize", pytest.fail)
+    *args, heartbeat = (*args, 100) if len(args) == 3 else args
     with pytest.raises(ValueError, match=message):
-        distributed.initialize(*args)
+        distributed.initialize(*args, heartbeat_timeout_s=heartbeat)
 
 
 def test_one_process_initializes_nothing(monkeypatch):
@@ -138,8 +164,9 @@ def test_slurm_job_is_detected(monkeypatch, tasks):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     assert distributed.detected_cluster().__name__ == "SlurmCluster"
-    assert distributed.initialize(timeout_s=7) == (tasks == 2)
-    assert calls == ([{"initialization_timeout": 7}] if tasks == 2 else [])
+    assert distributed.initialize(timeout_s=7, heartbeat_timeout_s=9) == (tasks == 2)
+    want = {"initialization_timeout": 7, "heartbeat_timeout_seconds": 9}
+    assert calls == ([want] if tasks == 2 else [])
 
 
 def test_unreachable_coordinator_fails_fast_with_the_reason(tmp_path):

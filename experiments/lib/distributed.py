@@ -7,10 +7,13 @@ The same command runs on every host. Which processes make up the job comes from
   `mpirun`), or else
 - nothing: one process, and nothing is initialized.
 
-Failures are bounded by --coordinator_timeout_s. JAX aborts the whole process when it
-times out waiting for the coordinator, so a process other than 0 first checks that the
-coordinator's port answers and otherwise raises DistributedError with the reason; process
-0 says what it waits for before it waits.
+Failures are bounded. At start-up, by --coordinator_timeout_s: JAX aborts the whole
+process when it times out waiting for the coordinator, so a process other than 0 first
+checks that the coordinator's port answers and otherwise raises DistributedError with the
+reason; process 0 says what it waits for before it waits. Later, by
+--heartbeat_timeout_s: when a process dies, JAX's coordination service stops every other
+process once the dead one has missed its heartbeats for that long ("Terminating process
+because the JAX distributed service detected fatal errors ... another task died").
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the jo
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
 COORDINATOR_TIMEOUT_S = flags.DEFINE_integer(
     "coordinator_timeout_s", 300, "Seconds to wait for every process to reach the coordinator."
+)
+HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    100,
+    "Seconds after which a process that stopped sending heartbeats (died) is declared "
+    "dead and every other process of the job exits.",
 )
 
 _PROBE_INTERVAL_S = 0.5
@@ -114,21 +123,28 @@ def initialize(
     process_id: int | None = None,
     *,
     timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
 ) -> bool:
     """Joins the multi-process job, if this is one; returns whether it is.
 
     Call before any other JAX call. With no arguments the job is what JAX detects from the
     cluster environment (one process when there is none, or when it has one task).
+    `timeout_s` bounds the wait for every process to join; `heartbeat_timeout_s` how
+    long the others run on once one has died.
 
     Raises:
       ValueError: incomplete or inconsistent arguments (before anything starts).
       DistributedError: a process other than 0 found no coordinator within timeout_s.
     """
+    if heartbeat_timeout_s < 1:
+        raise ValueError(f"--heartbeat_timeout_s={heartbeat_timeout_s} must be ≥ 1 (seconds).")
     if (coordinator_address, num_processes, process_id) == (None, None, None):
         env = detected_cluster()
         if env is None or env.get_process_count() == 1:
             return False
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        jax.distributed.initialize(
+            initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s
+        )
         return True
     _check_explicit(coordinator_address, num_processes, process_id)
     if num_processes == 1:
@@ -147,6 +163,7 @@ def initialize(
         num_processes,
         process_id,
         initialization_timeout=max(timeout_s, 1),
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
     return True
 
@@ -174,10 +191,12 @@ def agreed(value: int, what: str) -> int:
 
 
 def initialize_from_flags() -> bool:
-    """`initialize` with --coordinator_address, --num_processes, --process_id."""
+    """`initialize` with --coordinator_address, --num_processes, --process_id,
+    --coordinator_timeout_s and --heartbeat_timeout_s."""
     return initialize(
         COORDINATOR_ADDRESS.value,
         NUM_PROCESSES.value,
         PROCESS_ID.value,
         timeout_s=COORDINATOR_TIMEOUT_S.value,
+        heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S.value,
     )
