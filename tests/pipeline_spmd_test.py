@@ -180,6 +180,24 @@ def test_microbatches_of_padded_text_give_the_full_batch_steps(initial):
 LENGTHS = [(8, 8, 1, 0, 3, 8, 2, 5), (0, 1, 2, 3, 8, 8, 8, 8)]
 
 
+def test_one_optimizer_per_stage():
+    """Each stage its own optax transformation (here its own learning rate), as the other
+    executors take them; transformations whose states cannot stack are refused."""
+    model, opts = model_for(2), [optax.sgd(0.1, momentum=0.9), optax.sgd(0.03, momentum=0.5)]
+    ts = ilbp.init_train_state(model, opts, jax.random.key(0), BATCHES[0])
+    ref = make_executor("simulated", model, "pairwise", opts)
+    rs = ts
+    for batch in BATCHES[:3]:
+        rs, _ = ref.step(rs, batch)
+    ex = make_executor("spmd", model, "pairwise", opts)
+    st, _ = ex.steps(ex.from_train_state(ts), stacked(BATCHES[:3]))
+    for field in ("params", "opt_state"):
+        assert_trees_close(getattr(ex.to_train_state(st), field), getattr(rs, field), 1e-5, 1e-7)
+    mixed = make_executor("spmd", model, "pairwise", [optax.sgd(0.1), optax.adam(0.1)])
+    with pytest.raises(ValueError, match="stage 1's optimizer state differs from stage 0's"):
+        mixed.init(jax.random.key(0), BATCHES[0])
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="`stage` of size K=4"):
         make_executor("spmd", MODEL, "pairwise", OPT, mesh=ilbp.make_mesh(stage=2, data=1))

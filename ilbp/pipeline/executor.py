@@ -99,7 +99,8 @@ def make_executor(
       model: the staged model (for "spmd", one that carries a `HomogeneousStages`, as
         `transformer_lm`'s do; `ilbp.pipeline.check_homogeneous` says what it refuses).
       strategy: a Strategy or a name `Strategy.parse` accepts.
-      optimizer: one optax transformation for every stage, or one per stage.
+      optimizer: one optax transformation for every stage, or one per stage ("spmd":
+        whose states have one structure, as it stacks them).
       microbatches: M ≥ 1: a step accumulates M microbatches' gradients, updates once.
       mesh: "simulated": optional data mesh; "mpmd": optional (stage, data) mesh whose
         row k is stage k's device group; "spmd": a mesh with axes `stage` (= K) and

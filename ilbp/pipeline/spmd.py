@@ -30,7 +30,7 @@ from ilbp.pipeline.homogeneous import check_homogeneous
 from ilbp.pipeline.spmd_clock import Clock, stage_program
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
-from ilbp.train import Optimizer, TrainState, init_train_state
+from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
 
 P = jax.P
 
@@ -59,6 +59,44 @@ def _put(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(put, tree)
 
 
+def _by_stage(txs: tuple[optax.GradientTransformation, ...]) -> optax.GradientTransformation:
+    """The one transformation the stage program applies: `txs[0]` if every stage has
+    it, else one whose update is stage k's (k: the `stage` axis index, so it is only
+    called inside the program; stage k's state is initialised by `txs[k]`)."""
+    if all(tx is txs[0] for tx in txs):
+        return txs[0]
+
+    def init(params):
+        raise NotImplementedError("init each stage's state with its own transformation")
+
+    def update(updates, state, params=None):
+        k = jax.lax.axis_index(STAGE_AXIS)
+        branches = [functools.partial(tx.update, params=params) for tx in txs]
+        return jax.lax.switch(k, branches, updates, state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _check_stackable(opt_states: list[Any]) -> None:
+    """The stages' optimizer states (uniform layout) are stacked: ValueError unless each
+    has stage 0's structure, shapes and dtypes."""
+    layout = lambda t: jax.tree.map(lambda x: (np.shape(x), jnp.result_type(x)), t)
+    first = layout(opt_states[0])
+    for k, state in enumerate(opt_states[1:], 1):
+        if jax.tree.structure(state) != jax.tree.structure(opt_states[0]) or (
+            layout(state) != first
+        ):
+            raise ValueError(
+                f"The spmd executor stacks the stages' optimizer states, but stage {k}'s "
+                f"optimizer state differs from stage 0's in structure or shapes:\n"
+                f"  stage 0: {jax.tree.structure(opt_states[0])}\n"
+                f"  stage {k}: {jax.tree.structure(state)}\n"
+                "Give every stage a transformation of the same kind (the same optax chain "
+                "with its own hyperparameters, e.g. its own learning rate), or use the "
+                "simulated or mpmd executor, which take any transformation per stage."
+            )
+
+
 class SPMDExecutor:
     """One shard_map program over the (stage, data) mesh (module docstring)."""
 
@@ -76,8 +114,6 @@ class SPMDExecutor:
         self.model = model
         K = model.num_stages
         strategy.check(K)
-        if not isinstance(optimizer, optax.GradientTransformation):
-            raise ValueError("The spmd executor takes one optax transformation for all stages.")
         if mesh is None:
             check_stage_devices(K, jax.device_count(), "spmd")
             mesh = make_mesh(stage=K)
@@ -86,7 +122,8 @@ class SPMDExecutor:
                 f"The spmd executor needs a mesh with axes `{STAGE_AXIS}` of size K={K} and "
                 f"`{DATA_AXIS}`; got {dict(mesh.shape)}. Use ilbp.make_mesh(stage={K})."
             )
-        self.mesh, self.tx, self.M, self.K = mesh, optimizer, microbatches, K
+        self.mesh, self.M, self.K = mesh, microbatches, K
+        self.tx = _by_stage(per_stage_optimizers(optimizer, K))
         self.strategy, self.optimizer = strategy, optimizer
         self.clock = Clock.of(strategy, K, microbatches)
         self.period = self.clock.period  # P: ticks per step per stage
@@ -111,6 +148,7 @@ class SPMDExecutor:
             self._opt_map(lambda t, k=k: hom.to_uniform(t, k), ts.opt_state[k], ts.params[k])
             for k in range(K)
         ]
+        _check_stackable(opt)
         stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
         return SPMDState(
             step=_put(ts.step, self.replicated),
