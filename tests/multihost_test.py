@@ -19,7 +19,7 @@ import pytest
 
 import ilbp
 from experiments.launch import child_env, free_port
-from experiments.lib import distributed
+from experiments.lib import checkpoints, distributed
 from ilbp import data
 from ilbp.mesh import DATA_AXIS, batch_sharding, global_batch, process_batch_shard
 
@@ -200,7 +200,7 @@ def _final_state(workdir, like=None):
     """The step-10 checkpoint's state; one written by several processes needs the
     placement of `like` (a state restored here)."""
     path = os.path.join(workdir, "checkpoints", "10", "state")
-    target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    target = None if like is None else checkpoints.restore_target(like)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 
@@ -279,7 +279,7 @@ SPMD_ARG = "pairwise,k=2,executor=spmd"
 SPMD_RUN = {  # a 2-stage Transformer LM on (stage 2 × data 4), 2 overlapped steps per call
     "seq_len": 16, "model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
     "batch_size": 8, "data_parallel": 4, "steps_per_call": 2, "num_train_steps": 10,
-    "checkpoint_every_steps": 10, "log_every_steps": 2, "eval_every_steps": 0,
+    "checkpoint_every_steps": 4, "log_every_steps": 2, "eval_every_steps": 0,
     "eval_batch_size": 32, "final_eval_examples": 64, "optimizer.warmup_steps": 0,
     "progress_bar": False,
 }  # fmt: skip
@@ -287,22 +287,39 @@ SPMD_RUN = {  # a 2-stage Transformer LM on (stage 2 × data 4), 2 overlapped st
 
 def test_spmd_training_across_processes_through_experiments_train(tmp_path):
     """`experiments.launch` of `experiments.train`: the spmd stages on different
-    processes give the 1-process run; process 0 alone prints and writes."""
+    processes give the 1-process run; process 0 alone prints and writes. Interrupted
+    after step 8 (checkpoints spread over the processes), it resumes on 2 processes or
+    on 1 to the same run."""
+    import shutil
+
     from experiments.configs import stdlib_lm
     from experiments.lib import trainer
     from tests import experiments_fixtures as fx
 
     run = {"dataset": f"text:{fx.write_text_file(str(tmp_path / 'corpus.txt'))}", **SPMD_RUN}
     flags = [f"--config.{name}={value}" for name, value in run.items()]
-    out, _ = _run(
-        "experiments.launch", "--num_processes=2", "--devices_per_process=4", "--",
-        f"--config=experiments/configs/stdlib_lm.py:{SPMD_ARG}", f"--workdir={tmp_path / 'two'}",
-        *flags, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert out.stdout.count("| pairwise | K=2 |") == 1 and "[0] stdlib_lm" in out.stdout
-    single = trainer.train_and_evaluate(
-        fx.override(stdlib_lm.get_config(SPMD_ARG), run), str(tmp_path / "one")
-    )
+
+    def train_on_two(workdir):
+        out, _ = _run(
+            "experiments.launch", "--num_processes=2", "--devices_per_process=4", "--",
+            f"--config=experiments/configs/stdlib_lm.py:{SPMD_ARG}", f"--workdir={workdir}",
+            *flags, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        assert out.stdout.count("| pairwise | K=2 |") == 1 and "[0] stdlib_lm" in out.stdout
+        return out
+
+    train_on_two(tmp_path / "two")
+    config = fx.override(stdlib_lm.get_config(SPMD_ARG), run)
+    single = trainer.train_and_evaluate(config, str(tmp_path / "one"))
     _assert_same_run(tmp_path / "two", tmp_path / "one", _summary(tmp_path / "two"), single)
     _written_once(tmp_path / "two")
+    for cut in ("two_cut", "one_cut"):  # as if stopped after the checkpoint at step 8
+        shutil.copytree(tmp_path / "two", tmp_path / cut)
+        shutil.rmtree(tmp_path / cut / "checkpoints" / "10")
+        os.remove(tmp_path / cut / "summary.json")
+    assert "[0] Resuming" in train_on_two(tmp_path / "two_cut").stdout
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "one_cut"))
+    for cut, summary in (("two_cut", _summary(tmp_path / "two_cut")), ("one_cut", resumed)):
+        assert summary["resumed_from"] == 8
+        _assert_same_run(tmp_path / cut, tmp_path / "one", summary, single)

@@ -33,7 +33,15 @@ WORKER = textwrap.dedent(
     st = ex.from_train_state(ts)
     for batch in BATCHES:  # host (numpy) batches: each process places its own shards
         st, metrics = ex.step(st, jax.tree.map(np.asarray, batch))
-    ts = ex.to_train_state(st)  # every process all-gathers
+    ts = ex.to_train_state(st)  # replicated over the mesh: every process has it all
+    # For checkpoints: spread over the mesh, each process holding only its shards, and
+    # restacked on the devices.
+    spread = ex.to_train_state(st, spread=True)
+    for leaf in jax.tree.leaves((spread.params, spread.opt_state)):
+        assert not leaf.is_fully_addressable and (leaf.ndim == 0 or not leaf.is_fully_replicated)
+    back = ex.to_train_state(ex.from_train_state(spread))
+    for a, b in zip(*(jax.tree.leaves((t.step, t.params, t.opt_state)) for t in (back, ts))):
+        assert np.array_equal(a, b), (a, b)
     if jax.process_index() == 0:
         np.savez(sys.argv[3], *jax.tree.leaves(ts.params))
     """

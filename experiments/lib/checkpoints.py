@@ -1,8 +1,10 @@
-"""Orbax checkpoints of a run: the gathered TrainState, the data step and a fingerprint.
+"""Orbax checkpoints of a run: the TrainState, the data step and a fingerprint.
 
 Layout: WORKDIR/checkpoints/<step>/{state, meta}; saved asynchronously (the training
-continues while the files are written). `state` is the `ilbp.TrainState`
-(gathered: `executor.to_train_state`), `meta` a small JSON: the data iterator's step and
+continues while the files are written). `state` is the `ilbp.TrainState` in the
+single-program layout, whichever executor trained it (`trainer.checkpointed_state`: in
+a multi-process spmd job spread over the devices, each process writing its shards),
+`meta` a small JSON: the data iterator's step and
 the run's *fingerprint* (every config field that changes the training trajectory; see
 `experiments.lib.trainer.fingerprint`). A run resumes from the latest checkpoint in its
 workdir only if the fingerprints agree; otherwise it stops with a message naming each
@@ -17,6 +19,7 @@ import tempfile
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -55,6 +58,14 @@ def prepare_workdir(workdir: str) -> str:
             f"Cannot write to --workdir={workdir}: {e.strerror or e}. Choose a writable directory."
         ) from e
     return workdir
+
+
+def restore_target(like: Any) -> Any:
+    """What Orbax restores `like`'s leaves as: arrays shaped and placed like its device
+    arrays, and numpy for its host ones, whatever devices the checkpoint was written
+    from (a multi-process job's spread arrays name devices a restore may not have)."""
+    keep_host = lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x)
+    return jax.tree.map(keep_host, like)
 
 
 # Why a field is part of the fingerprint, where that is not obvious.
@@ -154,7 +165,7 @@ class Checkpoints:
         """(TrainState shaped and placed like `like`, metadata) of checkpoint `step`."""
         self.wait()
         meta = self.check_compatible(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = restore_target(like)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))

@@ -16,8 +16,10 @@ checkpointed.
 Multi-process jobs (every process runs this): the mesh spans every device of every
 process (`builders.check_devices`); simulated reads only this process's rows of each
 batch (`train_shard`) and spmd the whole batch; evaluation is process-sharded; every
-process saves and restores the checkpoints together (Orbax multi-host), and process 0
-alone writes metrics, summary and config and shows the progress bar.
+process saves and restores the checkpoints together (Orbax multi-host; spmd's spread
+over the devices, `checkpointed_state`), and process 0 alone writes metrics, summary
+and config and shows the progress bar. What a process finds on disk and acts on is
+agreed by all (`distributed.agreed`).
 """
 
 from __future__ import annotations
@@ -175,7 +177,7 @@ class _Loop:
         if not (evaluating or saving):
             return
         self._look(done)  # nothing non-finite is evaluated or checkpointed
-        ts = ex.to_train_state(state)
+        ts = ex.to_train_state(state) if evaluating or not spread_checkpoints(c) else None
         if evaluating:
             subset = Prefix(self.test_src, c.eval_examples or len(self.test_src))
             metrics = evaluate(
@@ -184,7 +186,8 @@ class _Loop:
             )  # fmt: skip
             self.writer.write("eval", done, metrics)
         if saving:
-            self.ckpts.save(done, ts, done)  # batch s is step s's: the data step is `done`
+            saved = checkpointed_state(c, ex, state, ts)
+            self.ckpts.save(done, saved, done)  # batch s is step s's: the data step is `done`
         self._mark = (time.perf_counter(), done, True)
 
     def _look(self, done: int) -> None:
@@ -221,6 +224,25 @@ class _Loop:
         if kept is None:
             return "No checkpoint had been written yet. "
         return f"The last good checkpoint (step {kept}) is kept in {self.ckpts.directory}. "
+
+
+def spread_checkpoints(config: ml_collections.ConfigDict) -> bool:
+    """Whether checkpoints hold the state spread over the devices rather than whole on
+    every process: spmd in a multi-process job (its stages live on different processes;
+    simulated state is replicated anyway, and mpmd runs in one process)."""
+    return config.executor == "spmd" and jax.process_count() > 1
+
+
+def checkpointed_state(
+    config: ml_collections.ConfigDict, ex: Any, state: Any, ts: Any = None
+) -> Any:
+    """The TrainState a checkpoint holds (and a restore is shaped and placed like): `ts`
+    (`ex.to_train_state(state)`, made if not given), or spread over the mesh
+    (`spread_checkpoints`): each process writes and reads only its shards, and nothing
+    is gathered onto a host."""
+    if spread_checkpoints(config):
+        return ex.to_train_state(state, spread=True)
+    return ex.to_train_state(state) if ts is None else ts
 
 
 def batch_placement(config: ml_collections.ConfigDict, ex: Any) -> Callable[[Any], Any]:
@@ -267,7 +289,7 @@ def _start(
     state = builders.initial_state(built, config, it.batch_at(0))
     if latest is None:
         return it, state, 0
-    ts, meta = ckpts.restore(latest, ex.to_train_state(state))
+    ts, meta = ckpts.restore(latest, checkpointed_state(config, ex, state))
     it.step = int(meta["data_step"])
     return it, ex.from_train_state(ts), latest
 

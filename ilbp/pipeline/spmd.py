@@ -130,6 +130,8 @@ class SPMDExecutor:
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, P())
         self._step = jax.jit(self._step_fn, static_argnames="squeeze")
+        self._restack = jax.jit(self._stacked_layout, out_shardings=(self.stacked,) * 2)
+        self._to_devices: dict[bool, Any] = {}
 
     # Layout ----------------------------------------------------------------------------
     def _opt_map(self, fn, opt_state, params_like):
@@ -142,43 +144,90 @@ class SPMDExecutor:
         )
 
     def from_train_state(self, ts: TrainState) -> SPMDState:
+        """The stacked state of `ts`: placed from the host, or, when its arrays span
+        processes (a multi-process checkpoint restored like `to_train_state(st,
+        spread=True)`), restacked on the devices without visiting any host."""
+        leaves = jax.tree.leaves((ts.params, ts.opt_state))
+        if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+            params, opt_state = self._restack(ts.params, ts.opt_state)
+            return SPMDState(self._replicate(ts.step), params, opt_state, self._replicate(ts.rng))
+        uniform, opt = self._stacked_layout(ts.params, ts.opt_state)
+        return SPMDState(
+            step=_put(ts.step, self.replicated),
+            params=_put(uniform, self.stacked),
+            opt_state=_put(opt, self.stacked),
+            rng=_put(ts.rng, self.replicated),
+        )
+
+    def _stacked_layout(self, params, opt_state) -> tuple[Any, Any]:
+        """(stacked uniform params, stacked optimizer state) of per-stage ones."""
         K, hom = self.K, self.hom
-        uniform = [hom.to_uniform(ts.params[k], k) for k in range(K)]
+        uniform = [hom.to_uniform(params[k], k) for k in range(K)]
         opt = [
-            self._opt_map(lambda t, k=k: hom.to_uniform(t, k), ts.opt_state[k], ts.params[k])
+            self._opt_map(lambda t, k=k: hom.to_uniform(t, k), opt_state[k], params[k])
             for k in range(K)
         ]
         _check_stackable(opt)
         stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-        return SPMDState(
-            step=_put(ts.step, self.replicated),
-            params=_put(stack(uniform), self.stacked),
-            opt_state=_put(stack(opt), self.stacked),
-            rng=_put(ts.rng, self.replicated),
-        )
+        return stack(uniform), stack(opt)
 
-    def to_train_state(self, st: SPMDState) -> TrainState:
-        """Gathered to host (numpy) in the single-program layout; in a multi-process run
-        every process must call it (it all-gathers the stacked arrays)."""
+    def _model_layout(self, params, opt_state, take) -> tuple[tuple, tuple]:
+        """(per-stage params, per-stage optimizer states) in the model's layout, stage k's
+        leaves `take(stacked leaf, k)`."""
         K, hom = self.K, self.hom
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            gather = lambda t: multihost_utils.process_allgather(t, tiled=True)
-        else:
-            gather = lambda t: jax.tree.map(np.asarray, t)
-        stacked_params, stacked_opt = gather((st.params, st.opt_state))
-        # np.asarray keeps 0-d leaves (step counts) arrays, not numpy scalars.
-        unstack = lambda tree, k: jax.tree.map(lambda x: np.asarray(x[k]), tree)
-        params = tuple(hom.from_uniform(unstack(stacked_params, k), k) for k in range(K))
-        uniform0 = unstack(stacked_params, 0)
+        unstack = lambda tree, k: jax.tree.map(lambda x: take(x, k), tree)
+        per_stage = tuple(hom.from_uniform(unstack(params, k), k) for k in range(K))
+        uniform0 = unstack(params, 0)
         opt = tuple(
-            self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(stacked_opt, k), uniform0)
+            self._opt_map(lambda t, k=k: hom.from_uniform(t, k), unstack(opt_state, k), uniform0)
             for k in range(K)
         )
+        return per_stage, opt
+
+    def to_train_state(self, st: SPMDState, *, spread: bool = False) -> TrainState:
+        """The single-program layout. In one process, gathered to host (numpy). In several
+        (every process calls it), it stays on the devices: replicated over the mesh (what
+        a single-program eval step takes) or, with `spread`, every leaf split over the
+        mesh (`_spread`), for checkpoints that each process writes and reads its own
+        shards of. `spread` gives the on-device layout in one process too."""
+        if jax.process_count() == 1 and not spread:
+            host = jax.tree.map(np.asarray, (st.params, st.opt_state))
+            # np.asarray keeps 0-d leaves (step counts) arrays, not numpy scalars.
+            params, opt = self._model_layout(*host, take=lambda x, k: np.asarray(x[k]))
+            step = jnp.asarray(st.step)
+        else:
+            params, opt = self._on_devices(spread, st)(st.params, st.opt_state)
+            step = st.step
         # Homogeneous stages keep no state (check_homogeneous).
-        state = ({"stage": {}, "head": {}},) * (K - 1) + ({"stage": {}},)
-        return TrainState(jnp.asarray(st.step), params, state, opt, st.rng)
+        state = ({"stage": {}, "head": {}},) * (self.K - 1) + ({"stage": {}},)
+        return TrainState(step, params, state, opt, st.rng)
+
+    def _on_devices(self, spread: bool, st: SPMDState):
+        """The jitted `_model_layout` of states like `st`, its outputs replicated or
+        `_spread` (made once)."""
+        if spread not in self._to_devices:
+            layout = functools.partial(self._model_layout, take=lambda x, k: x[k])
+            out = self.replicated
+            if spread:
+                shapes = jax.eval_shape(layout, st.params, st.opt_state)
+                out = jax.tree.map(lambda x: self._spread(x.shape), shapes)
+            self._to_devices[spread] = jax.jit(layout, out_shardings=out)
+        return self._to_devices[spread]
+
+    def _spread(self, shape: tuple[int, ...]) -> NamedSharding:
+        """A leaf's first dimension that the device count divides, split over every
+        device; else one that K divides, over `stage`; else replicated (small leaves)."""
+        for axes, size in (((STAGE_AXIS, DATA_AXIS), self.mesh.devices.size), (STAGE_AXIS, self.K)):
+            for d, n in enumerate(shape):
+                if n % size == 0:
+                    return NamedSharding(self.mesh, P(*(None,) * d, axes))
+        return self.replicated
+
+    def _replicate(self, x: Any) -> Any:
+        """`x` replicated over the mesh (placed from the host unless it is already)."""
+        if isinstance(x, jax.Array) and x.sharding == self.replicated:
+            return x
+        return _put(x, self.replicated)
 
     def init(self, rng: jax.Array, batch: Batch) -> SPMDState:
         self._check(batch)
