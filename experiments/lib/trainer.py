@@ -355,16 +355,11 @@ def train_and_evaluate(
         ckpts.close()
         writer.close()
     summary = {
-        "name": config.name,
-        "strategy": built.strategy.name,
-        "num_stages": K,
-        "seed": int(config.seed),
-        "steps": T,
-        "resumed_from": start,
-        "test_examples": len(final_src),
-        "metric": "perplexity" if text else "accuracy",
+        "name": config.name, "strategy": built.strategy.name, "num_stages": K,
+        "seed": int(config.seed), "steps": T, "resumed_from": start,
+        "test_examples": len(final_src), "metric": "perplexity" if text else "accuracy",
         "test": final,
-    }
+    }  # fmt: skip
     return _write_summary(workdir, summary, loop.step_times, time.perf_counter() - wall)
 
 
