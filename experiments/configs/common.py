@@ -163,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     # experiments.compare: strategies and seeds to run.
     c.compare = ml_collections.ConfigDict(
-        dict(strategies="global,local,pairwise,3wise", seeds="0,1")
+        dict(strategies="e2e,global,local,pairwise,3wise", seeds="0,1")
     )
     return c
 
