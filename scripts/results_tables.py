@@ -9,7 +9,8 @@ runs.csv (every run's final test metrics), results.csv (per-strategy predictions
 time to quality) and command.txt (the command that produced them). Every test number
 is the mean ± sample std over seeds, each aux head's the mean; the recovery ratio
 (s − local)/(e2e − local) of every interlocking strategy s, in the quality metric (test
-accuracy; test loss for LMs), is taken per seed, then averaged. A marker whose directory does not exist yet renders as a one-line note.
+accuracy; test loss for LMs), is taken per seed, then averaged. A marker whose
+directory has no runs.csv yet (none, or still training) renders as a one-line note.
 """
 
 from __future__ import annotations
