@@ -65,6 +65,9 @@ def test_stdlib_lm_family_two_steps(text_file, tmp_path):
     assert summary["test_examples"] == 3
     assert 1 < summary["test"]["perplexity"] < 256 * 2
     assert "aux/0/perplexity" in summary["test"]
+    test = summary["test"]  # bytes as tokens: bits per byte = loss / ln 2
+    assert test["bits_per_byte"] == pytest.approx(test["loss"] / math.log(2))
+    assert test["aux/0/bits_per_byte"] == pytest.approx(test["aux/0/loss"] / math.log(2))
     kinds = [(r["kind"], r["step"]) for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
     assert ("eval", 1) in kinds and ("final", 2) in kinds
 

@@ -36,7 +36,7 @@ from experiments.lib.checkpoints import (
 )
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
 from experiments.lib.loop import DeviceBatches, NonFiniteWatch
-from experiments.lib.metrics import MetricWriter, Prefix, evaluate
+from experiments.lib.metrics import MetricWriter, Prefix, evaluate, with_bits_per_byte
 from ilbp import data
 from ilbp.mesh import global_batch
 
@@ -286,6 +286,7 @@ def train_and_evaluate(
             built.eval_step, ex.to_train_state(state), final_src, int(config.eval_batch_size),
             desc="final eval", progress=config.progress_bar, text=text,
         )  # fmt: skip
+        final = with_bits_per_byte(final, info.token_bytes)
         writer.write("eval", T, final)
         writer.write("final", T, final)
     finally:
@@ -371,7 +372,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['steps']} steps | {summary['test_examples']} test examples",
         f"  final head: {metric} {test[metric]:.4f}"
         + (f", accuracy {test['accuracy']:.4f}" if metric != "accuracy" else "")
-        + f", loss {test['loss']:.4f}",
+        + f", loss {test['loss']:.4f}"
+        + (f", {test['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in test else ""),
     ]
     for k in range(K - 1):
         lines.append(
