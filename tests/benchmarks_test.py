@@ -44,3 +44,13 @@ def test_gpu_script_cpu_form():
     out = _run(["bash", "benchmarks/gpu.sh", "--cpu"], PYTHON=sys.executable)
     assert "| MFU | FLOP util. |" in out
     assert "| e2e |" in out and "| pairwise |" in out
+
+
+def test_committed_schedule_model_output_is_current():
+    """docs/results/schedule_model/output.txt (quoted by the README) is what the
+    schedule model prints today."""
+    from benchmarks import pipeline
+
+    with open(os.path.join(ROOT, "docs", "results", "schedule_model", "output.txt")) as f:
+        committed = f.read()
+    assert committed == pipeline.predictions() + "\n", "rerun its command.txt"
