@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import chex
 import jax
@@ -227,5 +228,104 @@ def test_each_stage_op_compiles_once_per_stage_and_shape(monkeypatch):
 
     st = ex.init(jax.random.key(0), BATCHES[0])
     for batch in BATCHES[:3]:
+        st, metrics = ex.step(st, batch)
+    jax.block_until_ready(metrics)
+
+
+# The hot path: placement, donation, residuals, no implicit transfers --------------------------
+def _stage_of(ex, sharding) -> int | None:
+    devices = getattr(sharding, "device_set", None)
+    return next((k for k, m in enumerate(ex.meshes) if set(m.devices.flat) == devices), None)
+
+
+@pytest.mark.parametrize("spec, loss_stages", [("e2e", {K - 1}), ("pairwise", set(range(K)))])
+def test_stages_receive_only_the_batch_entries_they_read(spec, loss_stages, initial, monkeypatch):
+    """The inputs go to stage 0 only, the labels only to the stages with a loss."""
+    M = 2
+    ex = make_executor("mpmd", MODEL, spec, OPT, microbatches=M)
+    st = ex.from_train_state(initial)
+    placed = []
+    real_put = jax.device_put
+
+    def spy(x, device=None, **kwargs):
+        if isinstance(x, dict):  # a microbatch (activations and cotangents are arrays)
+            placed.append((tuple(sorted(x)), _stage_of(ex, device)))
+        return real_put(x, device, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    ex.step(st, BATCHES[0])
+    reads = {k: {"label"} for k in loss_stages}
+    reads[0] = reads.get(0, set()) | {"inputs"}
+    expected = [(tuple(sorted(keys)), k) for k, keys in reads.items()]
+    assert sorted(placed) == sorted(expected * M)
+
+
+def test_step_donates_what_it_consumes(initial):
+    """After a step, the old state's buffers are gone (the ops reused them), except the
+    rng it returns; the TrainState it came from stays valid (even on device groups)."""
+    mesh = ilbp.make_mesh(stage=K, data=2)
+    ex = make_executor("mpmd", MODEL, "pairwise:sum", OPT, microbatches=2, mesh=mesh)
+    st = ex.from_train_state(initial)
+    new, metrics = ex.step(st, BATCHES[0])
+    for field in ("step", "params", "opt_state", "state"):
+        leaves = jax.tree.leaves(getattr(st, field))
+        assert leaves and all(x.is_deleted() for x in leaves), field
+    assert not any(x.is_deleted() for x in jax.tree.leaves(initial))
+    assert not any(x.is_deleted() for x in jax.tree.leaves((new, metrics)))
+
+
+def test_accumulating_ops_donate_their_sums(initial, monkeypatch):
+    """W/B and A add microbatch 1's gradient into microbatch 0's sum in place."""
+    ex = make_executor("mpmd", MODEL, "pairwise", OPT, microbatches=2)
+    sums = []
+
+    def spying(op, position):
+        def call(*args):
+            sums.append(args[position])
+            return op(*args)
+
+        return call
+
+    ex._ops[True] = [
+        dataclasses.replace(o, backward=spying(o.backward, 3), head=o.head and spying(o.head, 7))
+        for o in ex.stage_ops()
+    ]
+    ex.step(ex.from_train_state(initial), BATCHES[0])
+    added_to = [s for s in sums if s is not None]
+    assert len(added_to) == K + (K - 1)  # microbatch 1's W/B per stage, A per head
+    assert all(x.is_deleted() for x in jax.tree.leaves(added_to))
+
+
+def test_forward_residuals_hold_no_parameter_copy(initial):
+    """No residual a forward returns is one of its stage's parameters; the backward ops
+    recompute those, and the step's result is unchanged (the equivalence tests)."""
+    ex = make_executor("mpmd", MODEL, "pairwise", OPT)
+    # Random parameters: no residual can equal one by chance (as BatchNorm's ones could).
+    leaves, tree = jax.tree.flatten(initial.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    rand = [jax.random.normal(key, x.shape, x.dtype) for key, x in zip(keys, leaves)]
+    initial = initial.replace(params=jax.tree.unflatten(tree, rand))
+    st = ex.from_train_state(initial)
+    seen = []
+    hook = lambda kind, k, m, j, i, out: seen.append((k, out)) if kind == OpKind.FORWARD else None
+    ex.step(st, BATCHES[0], trace=hook)
+    for k, out in seen:
+        res = out[1] if k < K - 1 else out[0]
+        params = jax.tree.leaves(initial.params[k]["stage"])
+        assert jax.tree.leaves(res), k
+        for r in jax.tree.leaves(res):
+            for p in params:
+                same = r.shape == p.shape and np.array_equal(np.asarray(r), np.asarray(p))
+                assert not same, (k, r.shape)
+
+
+def test_step_makes_no_implicit_host_transfer(initial):
+    """Nothing the step passes to an op (microbatch index, step, counts) is a host value
+    that each call would transfer: only the batch is put, explicitly."""
+    ex = make_executor("mpmd", tm.text(3), "pairwise", optax.sgd(1.0), microbatches=4)
+    batch = tm.padded_text_batch()
+    st = ex.init(jax.random.key(0), batch)
+    st, _ = ex.step(st, batch)  # compile (constants may be transferred then)
+    with jax.transfer_guard_host_to_device("disallow"):
         st, metrics = ex.step(st, batch)
     jax.block_until_ready(metrics)
