@@ -321,11 +321,37 @@ def test_forward_residuals_hold_no_parameter_copy(initial):
 
 def test_step_makes_no_implicit_host_transfer(initial):
     """Nothing the step passes to an op (microbatch index, step, counts) is a host value
-    that each call would transfer: only the batch is put, explicitly."""
+    that each call would transfer: only the batch is put, explicitly; nor does `steps`
+    (its batches sliced on their device)."""
     ex = make_executor("mpmd", tm.text(3), "pairwise", optax.sgd(1.0), microbatches=4)
     batch = tm.padded_text_batch()
     st = ex.init(jax.random.key(0), batch)
     st, _ = ex.step(st, batch)  # compile (constants may be transferred then)
+    batches = jax.tree.map(lambda *xs: jnp.stack(xs), batch, batch)
     with jax.transfer_guard_host_to_device("disallow"):
         st, metrics = ex.step(st, batch)
+        st, stacked = ex.steps(st, batches)
+    assert all(v.shape[:1] == (2,) for v in jax.tree.leaves(stacked))
     jax.block_until_ready(metrics)
+
+
+@pytest.mark.parametrize("kind", ["simulated", "mpmd"])
+def test_steps_are_step_calls(kind, initial):
+    """`steps` on stacked batches: the state and (stacked) metrics of as many `step`s."""
+    ex = make_executor(kind, MODEL, "pairwise", OPT)
+    one, metrics = ex.from_train_state(initial), []
+    for batch in BATCHES[:2]:
+        one, m = ex.step(one, batch)
+        metrics.append(m)
+    both, stacked = ex.steps(ex.from_train_state(initial), stacked_batches(BATCHES[:2]))
+    assert sorted(stacked) == sorted(metrics[0])
+    for name, values in stacked.items():
+        np.testing.assert_array_equal(values, [m[name] for m in metrics], err_msg=name)
+    a, b = ex.to_train_state(one), ex.to_train_state(both)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    with pytest.raises(ValueError, match="stacked T × B"):
+        ex.steps(both, BATCHES[0]["label"])
+
+
+def stacked_batches(batches):
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)

@@ -45,7 +45,14 @@ from ilbp.pipeline import mpmd_ops as ops
 from ilbp.schedule import MaxInFlight, OpKind, simulate
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import StagePlan, Strategy
-from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers
+from ilbp.train import (
+    Optimizer,
+    TrainState,
+    init_train_state,
+    per_stage_optimizers,
+    run_steps,
+    slice_rows,
+)
 
 # trace(kind, k, m, loss, index in the issue order, the op's outputs on stage k)
 TraceFn = Callable[[OpKind, int, int, int | None, int, Any], None]
@@ -242,7 +249,12 @@ class MPMDExecutor:
     def _check_batch(self, batch: Batch) -> int:
         return check_batch_split(batch, self.meshes[0].shape[DATA_AXIS], self.microbatches)
 
-    # One step --------------------------------------------------------------------------
+    # Steps -----------------------------------------------------------------------------
+    def steps(self, st: MPMDState, batches: Batch) -> tuple[MPMDState, Metrics]:
+        """T `step`s on batches stacked T × B × ..., issued back to back (they overlap
+        as far as the updates allow); metrics with a leading T axis."""
+        return run_steps(self.step, st, batches)
+
     def step(
         self, st: MPMDState, batch: Batch, trace: TraceFn | None = None
     ) -> tuple[MPMDState, Metrics]:
@@ -311,9 +323,8 @@ class _StepRun:
             wanted = {key} if k == 0 else set()
             if k in ex.loss_stages:
                 wanted |= set(self.batch) - {key}
-            piece = {
-                n: x[m * self.b : (m + 1) * self.b] for n, x in self.batch.items() if n in wanted
-            }
+            rows = lambda x: slice_rows(x, m * self.b, (m + 1) * self.b)
+            piece = {n: rows(x) for n, x in self.batch.items() if n in wanted}
             self.placed[(m, k)] = jax.device_put(piece, ex.batch_sharding[k])
         return self.placed[(m, k)]
 
