@@ -85,7 +85,7 @@ BAD_OVERRIDES = [
     ("", {"optimizer.name": "lion"}, r"Unknown config\.optimizer\.name"),
     ("", {"optimizer.schedule": "linear"}, r"Unknown config\.optimizer\.schedule"),
     ("", {"model.balance": "time"}, r"Unknown config\.model\.balance"),
-    ("executor=mpmd", {"steps_per_call": 2}, "needs executor=spmd"),
+    ("executor=mpmd", {"steps_per_call": 3}, "eval_every_steps=50 is not a multiple"),
     ("executor=spmd", {"steps_per_call": 2, "checkpoint_every_steps": 5}, "not a multiple"),
     ("executor=spmd", {"max_in_flight": 3}, "for executor=mpmd only"),
     # Counts and cadences.

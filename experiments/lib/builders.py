@@ -133,12 +133,6 @@ def _check_divisible(config: ml_collections.ConfigDict) -> None:
             f"data_parallel={dp}: evaluation batches split evenly over the data devices."
         )
     per_call = int(config.steps_per_call)
-    if per_call > 1 and config.executor != "spmd":
-        raise ValueError(
-            f"config.steps_per_call={per_call} needs executor=spmd, whose steps() overlaps "
-            "steps in one program; mpmd overlaps steps by itself and simulated has no "
-            "pipeline. Set steps_per_call=1."
-        )
     for name in ("eval_every_steps", "checkpoint_every_steps"):
         if int(config[name]) % per_call:
             raise ValueError(
