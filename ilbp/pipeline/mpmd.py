@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 
 from ilbp.checks import check_batch_split, check_microbatches, check_stage_devices
 from ilbp.engine import Metrics
-from ilbp.losses import loss_count
+from ilbp.losses import WEIGHTS_KEY, loss_count
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS
 from ilbp.pipeline import mpmd_ops as ops
 from ilbp.schedule import MaxInFlight, OpKind, simulate
@@ -290,7 +290,7 @@ class _StepRun:
         self.stage_state = [dict(s) for s in st.state]
         self.placed: dict[tuple[int, int], Batch] = {}  # (m, k) -> what stage k reads
         # Microbatch loss_counts if token-weighted (mpmd_ops), else None.
-        self.weighted = M > 1 and loss_count(batch) is not None
+        self.weighted = M > 1 and WEIGHTS_KEY in batch  # as loss_count is not None
         self.counted: dict[tuple[int, int], jax.Array | None] = {}
         self.inputs: dict[tuple[int, int], jax.Array] = {}  # (m, k) -> h_{k-1} on stage k
         self.outputs: dict[tuple[int, int], jax.Array] = {}  # (m, k) -> h_k for the aux head

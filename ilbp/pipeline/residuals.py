@@ -17,7 +17,7 @@ placeholder data and XLA keeps only the operations that produce them (reshapes, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -101,13 +101,56 @@ def vjp(fn: ForwardFn, params: Any, x: Any, *args: Any, wrt_x: bool = True):
 
 
 def _depends_on_data(fn: ForwardFn, wrt_x: bool, params: Any, data: tuple) -> tuple[bool, ...]:
-    """Per residual leaf of the VJP: whether it depends on any data leaf (conservatively:
-    an equation with a data-dependent input makes all its outputs data-dependent)."""
+    """Per residual leaf of the VJP: whether it depends on any data leaf."""
     abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
     residuals = lambda p, d: jax.tree.leaves(_vjp(fn, wrt_x, p, d[0], d[1:])[1])
     jaxpr = jax.make_jaxpr(residuals)(abstract(params), abstract(data)).jaxpr
-    tainted = set(jaxpr.invars[len(jax.tree.leaves(params)) :])
+    num_params = len(jax.tree.leaves(params))
+    return _tainted(jaxpr, [i >= num_params for i in range(len(jaxpr.invars))])
+
+
+# Primitives that call one jaxpr on their operands, in order, once.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call")
+
+
+def _tainted(jaxpr: Any, taint_in: Sequence[bool]) -> tuple[bool, ...]:
+    """Which outputs of `jaxpr` depend on the inputs marked in `taint_in`. Calls and scans
+    are followed inside (a layer stack's casts of its own weights stay the parameters');
+    any other equation with a marked input marks all its outputs."""
+    tainted = {v for v, t in zip(jaxpr.invars, taint_in) if t}
+    marked = lambda v: isinstance(v, Var) and v in tainted
     for eqn in jaxpr.eqns:
-        if any(isinstance(v, Var) and v in tainted for v in eqn.invars):
-            tainted.update(eqn.outvars)
-    return tuple(isinstance(v, Var) and v in tainted for v in jaxpr.outvars)
+        taint = [marked(v) for v in eqn.invars]
+        if not any(taint):
+            continue
+        inner = _inner_jaxpr(eqn)
+        if eqn.primitive.name == "scan":
+            out = _scan_tainted(eqn, inner, taint)
+        elif eqn.primitive.name in _CALLS and inner is not None:
+            out = _tainted(inner, taint)
+        else:
+            out = [True] * len(eqn.outvars)
+        tainted.update(v for v, t in zip(eqn.outvars, out) if t)
+    return tuple(marked(v) for v in jaxpr.outvars)
+
+
+def _inner_jaxpr(eqn: Any) -> Any:
+    closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    inner = getattr(closed, "jaxpr", closed)
+    arity_matches = inner is not None and len(getattr(inner, "invars", ())) == len(eqn.invars)
+    return inner if arity_matches and len(inner.outvars) == len(eqn.outvars) else None
+
+
+def _scan_tainted(eqn: Any, body: Any, taint: list[bool]) -> list[bool]:
+    """A scan's outputs (carries, then stacked ys): the body's, with a carry marked once
+    any iteration's carry is (a fixed point)."""
+    if body is None:
+        return [True] * len(eqn.outvars)
+    consts, carries = eqn.params["num_consts"], eqn.params["num_carry"]
+    carry = taint[consts : consts + carries]
+    while True:
+        out = _tainted(body, [*taint[:consts], *carry, *taint[consts + carries :]])
+        new = [a or b for a, b in zip(carry, out[:carries])]
+        if new == carry:
+            return [*carry, *out[carries:]]
+        carry = new
