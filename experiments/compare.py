@@ -7,7 +7,9 @@
 Runs every strategy in config.compare.strategies for every seed in config.compare.seeds
 (each in WORKDIR/<strategy>/seed<i>, resumable), then writes results.md, results.csv,
 runs.csv and a plot of the test metric against step to WORKDIR (default
-runs/compare/<config name>) and prints the per-strategy table.
+runs/compare/<config name>) and prints the per-strategy table. With --shard=i/n it
+trains only its share of the runs, so n processes (or machines sharing WORKDIR) train
+one comparison; the same command without --shard then writes the report.
 """
 
 from __future__ import annotations
@@ -31,7 +33,21 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: runs/compare/<config name>)."
 )
+_SHARD = flags.DEFINE_string(
+    "shard",
+    "0/1",
+    "i/n: train only every n-th run starting at run i and write no report, so n "
+    "processes can share a comparison; then run without --shard to report.",
+)
 flags.mark_flags_as_required(["config"])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "i/n" → (i, n); ValueError unless 0 ≤ i < n."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard={text!r}: write i/n with 0 ≤ i < n, e.g. --shard=0/2.")
+    return int(index), int(count)
 
 
 def main(argv: list[str]) -> None:
@@ -42,11 +58,15 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value or os.path.join("runs", "compare", config.name or "experiment")
     try:
         distributed.initialize_from_flags()  # before any other JAX call
+        shard = parse_shard(_SHARD.value)
         command = shlex.join(["python", "-m", "experiments.compare", *sys.argv[1:]])
-        table, _ = compare(config, workdir, command)
+        result = compare(config, workdir, command, shard)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"\n{table}\n\nWrote {os.path.abspath(workdir)}/results.md, results.csv, runs.csv")
+    if result is None:
+        print(f"Shard {_SHARD.value} done; run without --shard to write the report.")
+        return
+    print(f"\n{result[0]}\n\nWrote {os.path.abspath(workdir)}/results.md, results.csv, runs.csv")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,10 @@ def stage_costs(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown cost method {method!r}; choose one of {METHODS}.")
+    if method == "measured" and any(
+        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(batch)
+    ):
+        raise ValueError("method='measured' runs the ops: pass a batch of arrays, not shapes.")
     size = _batch_size(batch)
     optimizers = per_stage_optimizers(optimizer, model.num_stages)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
@@ -210,8 +214,6 @@ def stage_costs(
         return StageCosts(
             ops, "flop", _per_kind(analysed, lambda a: a[1]), residual_bytes, boundary_bytes, size
         )
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(batch)):
-        raise ValueError("method='measured' runs the ops: pass a batch of arrays, not shapes.")
     concrete, _, _ = _stage_calls(model, optimizers, batch, abstract=False)
     timed = [{kind: _median_time(*call, repeats) for kind, call in row.items()} for row in concrete]
     return StageCosts(_per_kind(timed, float), "s", {}, residual_bytes, boundary_bytes, size)

@@ -2,6 +2,7 @@
 
     python scripts/lm_probe.py RUNS_DIR NAME[@STEP,STEP..]... > probe.csv
     python scripts/lm_probe.py --eval=N RUNS_DIR NAME...   # RUN/final_N.json
+    python scripts/lm_probe.py --leaves RUNS_DIR NAME[@STEPS]... > leaves.csv
 
 `--eval=N` evaluates a run's last checkpoint on the first N test windows (what
 `--config.final_eval_examples=N` does at the end of training), for runs that were
@@ -183,7 +184,29 @@ def final_eval(runs_dir: str, name: str, examples: int) -> None:
         json.dump({"step": step, "test_examples": examples, "test": metrics}, f, indent=2)
 
 
+def leaf_norms(runs_dir: str, spec: str, out) -> None:
+    """Rows run,step,stage,parameter,norm: every stage parameter's norm per checkpoint."""
+    name, _, only = spec.partition("@")
+    workdir = os.path.join(runs_dir, name)
+    config = load_config(workdir)
+    train_src = builders.build_data(config, "train")
+    built = builders.build(config, train_src.info)
+    batch = jax.tree.map(jnp.asarray, data.batches(train_src, 8, seed=0).batch_at(0))
+    template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
+    steps = {int(s) for s in only.split(",") if s}
+    for step, ts in checkpoints(workdir, template, steps):
+        for k, p in enumerate(ts.params):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(p["stage"]):
+                key = "/".join(str(getattr(e, "key", e)) for e in path)
+                out.write(f"{name},{step},{k},{key},{float(jnp.linalg.norm(leaf)):.6g}\n")
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) >= 2 and argv[1] == "--leaves":
+        sys.stdout.write("run,step,stage,parameter,norm\n")
+        for spec in argv[3:]:
+            leaf_norms(argv[2], spec, sys.stdout)
+        return
     if len(argv) >= 2 and argv[1].startswith("--eval="):
         examples = int(argv[1].removeprefix("--eval="))
         for name in argv[3:]:

@@ -24,9 +24,11 @@ CONFIG = "experiments/configs/stdlib_lm.py"
 # Every run: progress bar off, intermediate evals on 512 test windows every 100 steps,
 # the final eval on the first 2048 test windows, a checkpoint every 50 steps (all kept)
 # for the offline probes (scripts/lm_probe.py). The core runs train 400 steps, the
-# sweeps 200 (the cosine schedule then ends at 200) against 200-step references.
+# sweeps 200 (the cosine schedule then ends at 200) against 200-step references. Train
+# metrics every step: the figures plot per-step curves of these short runs.
 COMMON = (
     "--config.progress_bar=False",
+    "--config.log_every_steps=1",
     "--config.final_eval_examples=2048",
 )
 LR = "--config.optimizer.learning_rate="
@@ -110,7 +112,15 @@ GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 
 
 # The runs whose checkpoints scripts/lm_probe.py reads (outputs: OUT/probe_NAME.csv).
-PROBED = ("global", "local", "pairwise", "pairwise_sum", "pairwise_head_unembed", "pairwise_sgd")
+PROBED = (
+    "global",
+    "pairwise",
+    "pairwise_200",
+    "pairwise_sum",
+    "pairwise_head_unembed",
+    "pairwise_sgd",
+    "global_sgd",
+)
 
 
 def command(name: str, runs_dir: str, arg: str, overrides: tuple[str, ...]) -> list[str]:
@@ -224,7 +234,41 @@ def cmd_table(runs_dir: str) -> None:
                 f"| {name} | {s['strategy']} | {K} | {s['seed']} | {s['steps']} "
                 f"| {test['loss']:.3f} | {test['perplexity']:.2f} | {aux} | {diff} |\n"
             )
-    print(f"{len(runs)} runs -> {os.path.join(OUT, 'results.csv')}, results.md")
+    write_curves(runs_dir, list(runs))
+    print(f"{len(runs)} runs -> {OUT}: results.csv, results.md, curves.csv, norms.csv")
+
+
+CURVE_METRICS = ("loss", "aux/{k}/loss", "grad_norm/{k}", "update_norm/{k}", "param_norm/{k}")
+
+
+def write_curves(runs_dir: str, names: list[str], every: int = 10) -> None:
+    """curves.csv: every run's train metrics every `every` steps (run,step,metric,value);
+    norms.csv: per run and stage, the mean grad and update norms over steps 101..300
+    (101..200 for runs shorter than 400 steps) and the final parameter norm."""
+    with (
+        open(os.path.join(OUT, "curves.csv"), "w") as curves,
+        open(os.path.join(OUT, "norms.csv"), "w") as norms,
+    ):
+        curves.write("run,step,metric,value\n")
+        norms.write("run,stage,steps,mean_grad_norm,mean_update_norm,final_param_norm\n")
+        for name in names:
+            records = read_jsonl(os.path.join(runs_dir, name, "metrics.jsonl"))
+            train = [r for r in records if r["kind"] == "train"]
+            K = sum(1 for key in train[0] if key.startswith("grad_norm/"))
+            names_k = [m.format(k=k) for m in CURVE_METRICS for k in range(K)]
+            for r in train:
+                if r["step"] % every == 0 or r["step"] == 1:
+                    for metric in dict.fromkeys(names_k):
+                        if metric in r:
+                            curves.write(f"{name},{r['step']},{metric},{r[metric]:.5g}\n")
+            end = 300 if train[-1]["step"] >= 400 else 200
+            window = [r for r in train if 100 < r["step"] <= end]
+            for k in range(K):
+                mean = lambda m, k=k, w=window: sum(r[f"{m}/{k}"] for r in w) / len(w)
+                norms.write(
+                    f"{name},{k},101-{end},{mean('grad_norm'):.4g},{mean('update_norm'):.4g},"
+                    f"{train[-1][f'param_norm/{k}']:.4g}\n"
+                )
 
 
 HEAD_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
@@ -366,6 +410,7 @@ def fig_probe(names: list[str], path: str) -> None:
     """Per probed run: activation scale, dilution slope, and whose loss each stage's
     update lowers (docs/results/lm_last_rule/probe_NAME.csv)."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     names = [n for n in names if os.path.exists(os.path.join(OUT, f"probe_{n}.csv"))]
     if not names:
@@ -377,6 +422,9 @@ def fig_probe(names: list[str], path: str) -> None:
         ("dloss", "L_final change from stage k's step", "symlog"),
     ]
     fig, axes = plt.subplots(len(panels), len(names), figsize=(3.4 * len(names), 9.5))
+    shared = np.array(axes).reshape(len(panels), len(names))[0]
+    for ax in shared[1:]:
+        ax.sharey(shared[0])
     axes = axes.reshape(len(panels), len(names))
     for c, name in enumerate(names):
         probe = read_probe(os.path.join(OUT, f"probe_{name}.csv"))

@@ -19,6 +19,7 @@ TINY = {
         "--stages=2", "--microbatches=1", "--strategies=pairwise", "--steps=2",
         "--d-model=16", "--seq-len=8", "--batch=2", "--repeats=1",
     ],
+    "trainer_overhead": ["--executors=simulated", "--steps=5", "--log-every=2", "--repeats=1"],
 }  # fmt: skip
 
 
@@ -33,6 +34,7 @@ def _run(cmd: list[str], **env: str) -> str:
 @pytest.mark.parametrize("module, expected", [
     ("pipeline", "in-run model in"),
     ("spmd_overlap", "pairwise"),
+    ("trainer_overhead", "| simulated |"),
 ])  # fmt: skip
 def test_benchmark_module_runs(module, expected):
     assert expected in _run([sys.executable, "-m", f"benchmarks.{module}", *TINY[module]])

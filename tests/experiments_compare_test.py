@@ -61,6 +61,22 @@ def test_compare_writes_results(idx_dir, tmp_path):
     assert fx.tree_digest(str(tmp_path)) == before
 
 
+def test_quality_target():
+    def run(strategy, metric, **test):
+        return {"strategy": strategy, "metric": metric, "test": test}
+
+    # e2e is the reference when compared, then global; LMs are judged by loss.
+    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
+    images.append(run("e2e", "accuracy", accuracy=0.8))
+    target = report.quality_target(images)
+    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
+    assert target.value == pytest.approx(0.98 * 0.85)
+    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
+    target = report.quality_target(text)
+    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
+    assert target.value == pytest.approx(2.0 / 0.98)
+
+
 def test_e2e_rows_show_no_aux_accuracy():
     """e2e's heads are never trained, so its aux columns are empty, not their init's."""
     summaries = [
@@ -80,32 +96,16 @@ def test_e2e_rows_show_no_aux_accuracy():
     config = ml_collections.ConfigDict(
         dict(name="x", batch_size=8, microbatches=1, eval_examples=0, eval_every_steps=1)
     )
-    predictions = {
-        name: costs.Throughput(name, 1, 0.1, 1.0, ratio, None, None)
-        for name, ratio in (("e2e", 1.0), ("pairwise", 1.5))
+    predicted = {
+        name: costs.Throughput(name, 1, 1e-3, 1.0, speedup, None, None)
+        for name, speedup in (("e2e", 1.0), ("pairwise", 1.5))
     }
-    rows = report.aggregate(summaries, predictions, {"e2e": [None], "pairwise": [None]})
+    rows = report.aggregate(summaries, predicted, {"e2e": [None], "pairwise": [1.0]})
     assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
     assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
-    target = report.quality_target(summaries)
+    target = report.QualityTarget("e2e", "accuracy", 0.49, True)
     table, _ = report.render_markdown(rows, summaries, config, target)
     assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
-
-
-def test_quality_target():
-    def run(strategy, metric, **test):
-        return {"strategy": strategy, "metric": metric, "test": test}
-
-    # e2e is the reference when compared, then global; LMs are judged by loss.
-    images = [run("local", "accuracy", accuracy=0.5), run("e2e", "accuracy", accuracy=0.9)]
-    images.append(run("e2e", "accuracy", accuracy=0.8))
-    target = report.quality_target(images)
-    assert (target.reference, target.metric, target.higher_is_better) == ("e2e", "accuracy", True)
-    assert target.value == pytest.approx(0.98 * 0.85)
-    text = [run("pairwise", "perplexity", loss=3.0), run("global", "perplexity", loss=2.0)]
-    target = report.quality_target(text)
-    assert (target.reference, target.metric, target.higher_is_better) == ("global", "loss", False)
-    assert target.value == pytest.approx(2.0 / 0.98)
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):
@@ -130,6 +130,16 @@ def test_compare_keeps_the_config_rule_unless_the_name_has_one(idx_dir):
     assert dirs == ["pairwise_sum/seed0", "3wise_mean/seed0", "global/seed0"]
 
 
+def test_compare_runs_e2e_beside_a_rule_and_aux_weight_it_has_no_use_for(idx_dir):
+    c = _config(idx_dir, "k=3,combine=sum")
+    c.aux_weight = 0.5
+    c.compare.strategies, c.compare.seeds = "e2e,pairwise", "0"
+    runs = report.run_configs(c)
+    assert [builders.build_strategy(r).name for r in runs] == ["e2e", "pairwise:sum"]
+    dirs = [os.path.relpath(report.run_dir("w", r), "w") for r in runs]
+    assert dirs == ["e2e/seed0", "pairwise_sum_aux0.5/seed0"]
+
+
 def test_compare_run_directories_name_the_aux_weight(idx_dir):
     c = _config(idx_dir)
     c.compare.seeds = "3"
@@ -138,3 +148,20 @@ def test_compare_run_directories_name_the_aux_weight(idx_dir):
     c.aux_weight = 0.5
     runs = report.run_configs(c)
     assert report.run_dir("w", runs[1]) == os.path.join("w", "pairwise_aux0.5", "seed3")
+
+
+def test_sharded_compare_trains_each_run_once_then_reports(idx_dir, tmp_path):
+    c = _config(idx_dir)
+    assert report.compare(c, str(tmp_path), shard=(0, 2)) is None
+    assert report.compare(c, str(tmp_path), shard=(1, 2)) is None
+    assert not os.path.exists(tmp_path / "results.md")
+    trained = sorted(
+        os.path.join(s, d) for s in ("global", "pairwise") for d in os.listdir(tmp_path / s)
+    )
+    assert trained == ["global/seed0", "global/seed1", "pairwise/seed0", "pairwise/seed1"]
+    before = fx.tree_digest(str(tmp_path / "pairwise"))
+    _, rows = report.compare(c, str(tmp_path))
+    assert [r["seeds"] for r in rows] == [2, 2]
+    assert fx.tree_digest(str(tmp_path / "pairwise")) == before  # read back, not retrained
+    with pytest.raises(ValueError, match="shard 2/2"):
+        report.compare(c, str(tmp_path), shard=(2, 2))

@@ -303,3 +303,16 @@ def test_lm_model_options_reach_the_model():
     params, _ = jax.eval_shape(model.init, jax.random.key(0), x)
     assert set(params[0]["head"]) == {"unembed"}
     assert {str(h.dtype) for h in model.check_shapes(x)} == {"bfloat16"}
+
+
+def test_named_variants_apply_before_the_other_tokens():
+    from experiments.configs import fashion_mnist_resnet, stdlib_lm
+
+    c = fashion_mnist_resnet.get_config("long,k=8,pairwise")
+    assert (c.num_train_steps, c.num_stages, c.strategy) == (4690, 8, "pairwise")
+    assert "e2e" in c.compare.strategies and c.compare.seeds == "0,1,2"
+    c = stdlib_lm.get_config("long_deep")
+    assert (c.model.num_layers, c.num_stages, c.num_train_steps) == (8, 8, 1000)
+    assert "pairwise:sum" in stdlib_lm.get_config("long").compare.strategies
+    with pytest.raises(ValueError, match="This config's variants: long, long_deep"):
+        stdlib_lm.get_config("lung")

@@ -213,11 +213,20 @@ def test_corrupt_checkpoint_is_reported_untouched(trained, idx_dir, tmp_path, pa
 
 
 def test_a_finished_run_is_not_overwritten(trained, idx_dir):
-    """Rerunning into a finished workdir resumes at its last step: no step is redone."""
+    """Rerunning into a finished workdir returns its summary: nothing is trained,
+    evaluated or written again; a final eval on other examples evaluates again."""
+    import json
+
+    before = fx.tree_digest(trained)
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    summary = trainer.train_and_evaluate(c, trained)
+    with open(os.path.join(trained, trainer.SUMMARY_FILE)) as f:
+        assert summary == json.load(f)
+    assert summary["resumed_from"] == 0 and math.isfinite(summary["step_time_s"])
+    assert fx.tree_digest(trained) == before
     ckpt = os.path.join(trained, "checkpoints")
-    before = {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)}
-    summary = trainer.train_and_evaluate(
-        fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3"), trained
-    )
-    assert summary["resumed_from"] == 2 and math.isfinite(summary["step_time_s"])
-    assert {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)} == before
+    ckpts_before = {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)}
+    c.final_eval_examples = summary["test_examples"] // 2
+    again = trainer.train_and_evaluate(c, trained)
+    assert again["resumed_from"] == 2 and again["test_examples"] == c.final_eval_examples
+    assert {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)} == ckpts_before

@@ -1,12 +1,15 @@
-"""Trainer: 2-step runs of every config family, exact resume, NaN stop, absl entry point."""
+"""Trainer: 2-step runs of every config family, exact resume, NaN stop, absl entry point,
+host synchronisations in the steady state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -219,3 +222,64 @@ def test_spmd_steps_per_call_trains_like_the_simulated_one(text_file, tmp_path):
     assert trainer.train_and_evaluate(c, str(tmp_path / "cut"), stop_after=3)["stopped_at"] == 3
     resumed = trainer.train_and_evaluate(c, str(tmp_path / "cut"))
     assert resumed["test"] == runs["spmd"]["test"]
+
+
+@contextlib.contextmanager
+def _count_host_syncs():
+    """Counts the host's waits for device values: jax.device_get, block_until_ready and
+    every conversion of a jax.Array to a host value (np.asarray, float, ...: all read
+    `ArrayImpl._value`); a call made inside another counted one is not counted again."""
+    import jax
+    from jax._src.array import ArrayImpl
+
+    count, inside = [0], threading.local()
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            nested = getattr(inside, "active", False)
+            count[0] += not nested
+            inside.active = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside.active = nested
+
+        return wrapper
+
+    patches = [
+        (jax, "device_get", counted(jax.device_get)),
+        (jax, "block_until_ready", counted(jax.block_until_ready)),
+        (ArrayImpl, "block_until_ready", counted(ArrayImpl.block_until_ready)),
+        (ArrayImpl, "_value", property(counted(ArrayImpl._value.fget))),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, name, value in patches:
+            mp.setattr(owner, name, value)
+        yield count
+
+
+@pytest.mark.parametrize("kind", ["simulated", "mpmd"])
+def test_steady_state_syncs_only_at_log_steps(idx_dir, tmp_path, kind, monkeypatch):
+    """12 steps, train metrics every 4: from the 2nd call to the 12th the host waits for
+    the devices only to read steps 4 and 8's metrics (each after the next step is
+    dispatched), not once per step. The single-program step gets its batches placed."""
+    import jax
+
+    c = fx.tiny_image_config(f"idx:{idx_dir}", f"pairwise,k=2,executor={kind}")
+    c.num_train_steps, c.log_every_steps, c.checkpoint_every_steps = 12, 4, 12
+    executor = builders.build(c, builders.build_data(c, "train").info).executor
+    step, at_call, placed = executor.step, [], []
+    with _count_host_syncs() as syncs:
+
+        def counting(state, batch):
+            at_call.append(syncs[0])  # host waits so far, before this call
+            placed.append(isinstance(batch["inputs"], jax.Array))
+            return step(state, batch)
+
+        monkeypatch.setattr(executor, "step", counting)
+        trainer.train_and_evaluate(c, str(tmp_path))
+    assert len(at_call) == 12
+    assert at_call[11] - at_call[1] == 2, at_call
+    assert all(placed) == (kind == "simulated")  # mpmd places each microbatch itself
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8, 12]

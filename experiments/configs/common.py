@@ -10,6 +10,8 @@ ARG is comma-separated tokens:
   combine=last|sum|mean                          the n-wise combine rule
   executor=simulated|mpmd|spmd                   how the stages run
   m=M                                            microbatches per step
+  <variant>                                      a variant the config file names
+                                                 (e.g. `long`: its long comparison)
 
 e.g. `:pairwise,k=4`, `:nwise=3,k=8,combine=sum` (or `:3wise:sum,k=8`),
 `:global,executor=mpmd,m=4`, `:e2e,k=4`.
@@ -17,6 +19,8 @@ Everything can also be overridden with `--config.FIELD=VALUE`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -26,9 +30,10 @@ from ilbp.strategy import COMBINE_RULES, Strategy
 ARG_KEYS: tuple[str, ...] = ("k", "combine", "executor", "m")
 
 
-def parse_arg(arg: str | None) -> dict[str, object]:
+def parse_arg(arg: str | None, variants: Sequence[str] = ()) -> dict[str, object]:
     """Parses a config ARG into {"strategy", "num_stages", "combine", "executor",
-    "microbatches"} (only the keys it sets). Raises ValueError naming a bad token."""
+    "microbatches"} (only the keys it sets). Raises ValueError naming a bad token;
+    `variants` (the config's named variants, handled by `apply_arg`) are skipped."""
     out: dict[str, object] = {}
     for token in (arg or "").split(","):
         token = token.strip()
@@ -36,9 +41,15 @@ def parse_arg(arg: str | None) -> dict[str, object]:
             continue
         key, eq, value = token.partition("=")
         key = key.strip().lower()
+        if token.lower() in variants:
+            continue
         if not eq or key in ("nwise", "n"):
             strategy = token if key != "n" else f"nwise={value}"
-            Strategy.parse(strategy)  # ValueError with the accepted names
+            try:
+                Strategy.parse(strategy)
+            except ValueError as e:  # it names the accepted strategies
+                hint = f" This config's variants: {', '.join(variants)}." if variants else ""
+                raise ValueError(f"Config arg {token!r}: {e}{hint}") from None
             strategy, _, rule = strategy.lower().partition(":")  # ":pairwise:sum"
             out["strategy"] = strategy
             if rule:
@@ -62,8 +73,9 @@ def parse_arg(arg: str | None) -> dict[str, object]:
         else:
             raise ValueError(
                 f"Unknown config arg {token!r}. Use a strategy (e2e, global, local, pairwise, "
-                f"Nwise, nwise=N) and/or key=value with keys {ARG_KEYS}, e.g. ':pairwise,k=4' "
-                "or ':nwise=3,k=8,combine=sum'."
+                f"Nwise, nwise=N), key=value with keys {ARG_KEYS}"
+                + (f", or a variant of this config ({', '.join(variants)})" if variants else "")
+                + ", e.g. ':pairwise,k=4' or ':nwise=3,k=8,combine=sum'."
             )
     return out
 
@@ -76,9 +88,23 @@ def _set_combine(out: dict[str, object], rule: str, arg: str | None) -> None:
         )
 
 
-def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies a parsed ARG to `config` (in place) and returns it."""
-    for key, value in parse_arg(arg).items():
+Variant = Callable[[ml_collections.ConfigDict], None]
+
+
+def apply_arg(
+    config: ml_collections.ConfigDict,
+    arg: str | None,
+    variants: Mapping[str, Variant] | None = None,
+) -> ml_collections.ConfigDict:
+    """Applies ARG to `config` (in place) and returns it: first every named variant
+    it lists (e.g. "long": a config's long comparison), then the other tokens, so
+    `:long,k=8` is the long variant at K=8."""
+    variants = variants or {}
+    tokens = [t.strip().lower() for t in (arg or "").split(",")]
+    for token in tokens:
+        if token in variants:
+            variants[token](config)
+    for key, value in parse_arg(arg, tuple(variants)).items():
         config[key] = value
     return config
 
@@ -130,7 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: only the final evaluation
     c.eval_examples = 0  # intermediate evals use the first N test examples (0: all)
     c.final_eval_examples = 0  # the final eval uses the first N test examples (0: all)
-    c.log_every_steps = 1  # JSONL/TensorBoard train metrics
+    # JSONL/TensorBoard train metrics; the host looks at the devices only then (and at
+    # evaluations and checkpoints), so steps in between queue up without waiting.
+    c.log_every_steps = 50
     c.checkpoint_every_steps = 100
     c.max_to_keep = 2
     c.progress_bar = True

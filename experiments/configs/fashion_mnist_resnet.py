@@ -69,4 +69,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 50
     c.eval_examples = 1000
     c.checkpoint_every_steps = 100
-    return common.apply_arg(c, arg)
+    return common.apply_arg(c, arg, VARIANTS)
+
+
+def long_comparison(c: ml_collections.ConfigDict) -> None:
+    """`:long` (K=4; `:long,k=8` one unit per stage): the comparisons of
+    docs/results/fmnist_k4 and fmnist_k8, 10 epochs (4,690 steps) per run, evaluated on
+    all 10,000 test images every epoch, e2e as the reference, three seeds."""
+    c.num_train_steps = 4690
+    c.eval_every_steps = 469
+    c.eval_examples = 0
+    c.checkpoint_every_steps = 469
+    c.progress_bar = False
+    c.compare.strategies = "e2e,global,local,pairwise,3wise"
+    c.compare.seeds = "0,1,2"
+
+
+VARIANTS: dict[str, common.Variant] = {"long": long_comparison}

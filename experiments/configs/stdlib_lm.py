@@ -52,4 +52,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 100
     c.eval_examples = 512
     c.checkpoint_every_steps = 250
-    return common.apply_arg(c, arg)
+    return common.apply_arg(c, arg, VARIANTS)
+
+
+def long_comparison(c: ml_collections.ConfigDict) -> None:
+    """`:long`: the K=4 comparison of docs/results/stdlib_lm_k4, 1,000 steps (4M tokens)
+    per run, every strategy under the `last` and `sum` rules, e2e as the reference."""
+    c.num_train_steps = 1000
+    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 250
+    c.progress_bar = False
+    c.compare.strategies = "e2e,global,local,pairwise,3wise,pairwise:sum,3wise:sum"
+    c.compare.seeds = "0,1,2"
+
+
+def long_deep_comparison(c: ml_collections.ConfigDict) -> None:
+    """`:long_deep`: the K=8 comparison of docs/results/stdlib_lm_k8, as `:long` but
+    8 blocks, one per stage, and two seeds."""
+    long_comparison(c)
+    c.model.num_layers = 8
+    c.num_stages = 8
+    c.compare.strategies = "e2e,local,pairwise,3wise,pairwise:sum,3wise:sum"
+    c.compare.seeds = "0,1"
+
+
+VARIANTS: dict[str, common.Variant] = {"long": long_comparison, "long_deep": long_deep_comparison}

@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run: the gathered TrainState, the data step and a fingerprint.
 
-Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the `ilbp.TrainState`
+Layout: WORKDIR/checkpoints/<step>/{state, meta}; saved asynchronously (the training
+continues while the files are written). `state` is the `ilbp.TrainState`
 (gathered: `executor.to_train_state`), `meta` a small JSON: the data iterator's step and
 the run's *fingerprint* (every config field that changes the training trajectory; see
 `experiments.lib.trainer.fingerprint`). A run resumes from the latest checkpoint in its
@@ -36,6 +37,10 @@ class IncompatibleCheckpointError(ExperimentError):
 
 class CorruptCheckpointError(ExperimentError):
     """A checkpoint exists but cannot be read."""
+
+
+class NonFiniteLossError(ExperimentError, FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and stage."""
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -95,7 +100,7 @@ class Checkpoints:
         self.directory = os.path.join(workdir, CHECKPOINT_DIR)
         self.fingerprint = fingerprint
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -103,7 +108,13 @@ class Checkpoints:
             raise WorkdirError(f"Cannot open checkpoint directory {self.directory}: {e}") from e
 
     def latest_step(self) -> int | None:
+        """The latest finished checkpoint's step (waits for a save in progress)."""
+        self.wait()
         return self.manager.latest_step()
+
+    def wait(self) -> None:
+        """Waits until the saves in progress are written."""
+        self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata JSON of checkpoint `step` (CorruptCheckpointError if unreadable)."""
@@ -141,6 +152,7 @@ class Checkpoints:
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """(TrainState shaped and placed like `like`, metadata) of checkpoint `step`."""
+        self.wait()
         meta = self.check_compatible(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
@@ -152,7 +164,8 @@ class Checkpoints:
         return restored["state"], meta
 
     def save(self, step: int, train_state: Any, data_step: int) -> None:
-        """Saves checkpoint `step` (a no-op if it already exists)."""
+        """Starts saving checkpoint `step` (a no-op if it already exists): returns once the
+        arrays are copied to the host, and writes them in the background (`wait`)."""
         if step in self.manager.all_steps():
             return
         meta = {"fingerprint": self.fingerprint, "data_step": int(data_step), "step": int(step)}
@@ -165,7 +178,7 @@ class Checkpoints:
         )
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
     def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:

@@ -49,23 +49,29 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """One config per (strategy, seed) of `config.compare`; ValueError on bad names.
+    """One config per (seed, strategy) of `config.compare`, seed-major; ValueError on
+    bad names.
 
     A strategy named with its rule (`pairwise:sum`) runs that rule; one without runs
-    the config's `combine`.
+    the config's `combine` (e2e, which has no aux losses, ignores `combine` and
+    `aux_weight`).
     """
     specs = parse_list(config.compare.strategies, "strategies")
     seeds = parse_list(config.compare.seeds, "seeds")
     if not all(s.isdigit() for s in seeds):
         raise ValueError(f"config.compare.seeds must be integers; got {config.compare.seeds!r}.")
-    runs = []
     for spec in specs:
         Strategy.parse(spec)  # ValueError naming the accepted names
-        base, _, rule = spec.partition(":")
-        for seed in seeds:
+    runs = []
+    for seed in seeds:  # seed-major: an interrupted comparison has every strategy
+        for spec in specs:
+            base, _, rule = spec.partition(":")
+            heads = Strategy.parse(base).aux_heads
             c = ml_collections.ConfigDict(config.to_dict())
             c.strategy = Strategy.parse(base).name
             c.combine, c.seed = rule or config.combine, int(seed)
+            if not heads:  # e2e has no aux losses to combine or weight
+                c.combine, c.aux_weight = "last", 1.0
             builders.validate(c)
             runs.append(c)
     return runs
@@ -433,23 +439,35 @@ def plot_quality_vs_time(
 
 
 def compare(
-    config: ml_collections.ConfigDict, workdir: str, command: str | None = None
-) -> tuple[str, list[dict]]:
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    command: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[str, list[dict]] | None:
     """Trains every (strategy, seed) of `config.compare` and writes the report.
 
     `command`, if given, is the command line that ran this; it goes to command.txt.
-    Returns (the per-strategy markdown table, the per-strategy rows).
+    `shard=(i, n)` with n > 1 trains only runs i, i + n, i + 2n, ... (in `run_configs`
+    order) and writes no report: n such processes train a
+    comparison in parallel, and a run without `shard` then reports (finished runs are
+    read back, not trained again).
+    Returns (the per-strategy markdown table, the per-strategy rows), or None for a shard.
     """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 ≤ i < n.")
     runs = run_configs(config)
     train = builders.build_data(runs[0], "train")
     builders.check_data(runs[0], train)
     workdir = prepare_workdir(workdir)
     preflight(runs, workdir, train.info)
     summaries = []
-    for c in runs:
+    for c in runs[index::count]:
         summary = trainer.train_and_evaluate(c, run_dir(workdir, c))
         print(trainer.format_summary(summary), flush=True)
         summaries.append(summary)
+    if count > 1:
+        return None
     predictions = predict_runs(runs)
     target = quality_target(summaries)
     rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))

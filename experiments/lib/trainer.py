@@ -15,11 +15,11 @@ anything of that step is checkpointed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,14 +34,13 @@ from experiments.lib.checkpoints import (
     IncompatibleCheckpointError,
     prepare_workdir,
 )
+from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
+from experiments.lib.loop import DeviceBatches, NonFiniteWatch
 from experiments.lib.metrics import MetricWriter, Prefix, evaluate
 from ilbp import data
+from ilbp.mesh import global_batch
 
 SUMMARY_FILE = "summary.json"
-
-
-class NonFiniteLossError(ExperimentError, FloatingPointError):
-    """A loss became NaN or infinite; the message names the step and stage."""
 
 
 def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
@@ -99,47 +98,131 @@ def resumable_step(ckpts: Checkpoints, num_train_steps: int) -> int | None:
     return latest
 
 
-def first_nonfinite(metrics: dict[str, Any], num_stages: int) -> tuple[int, str, float] | None:
-    """(stage k, metric name, value) of the earliest stage with a non-finite loss/grad."""
-    for k in range(num_stages):
-        loss = "loss" if k == num_stages - 1 else f"aux/{k}/loss"
-        for name in (loss, f"grad_norm/{k}"):
-            value = float(metrics.get(name, 0.0))
-            if not math.isfinite(value):
-                return k, name, value
-    return None
+class _Loop:
+    """Steps start..end of a run, one executor call at a time, never waiting for a step
+    it has no reason to look at.
+
+    The host looks at the devices only at log steps (a call's metrics are fetched after
+    the next call is dispatched, so one call is always queued behind the one running),
+    before an evaluation or a checkpoint, after the first call (compilation) and at the
+    end; each look reads the `NonFiniteWatch` record too, so a non-finite loss stops the
+    run before anything after it is evaluated or checkpointed. Step times are measured
+    between looks, over the steps the devices finished in between.
+    """
+
+    def __init__(self, config, built, ckpts, writer, test_src, bar, text: bool):
+        self.config, self.built, self.ckpts, self.writer = config, built, ckpts, writer
+        self.test_src, self.bar, self.text = test_src, bar, text
+        self.K = built.model.num_stages
+        self.schedule = builders.learning_rate_schedule(config)
+        self.watch = NonFiniteWatch(self.K)
+        # (first step, n, stacked, (metrics, learning rates), flag) of a call with a log
+        # step, fetched together.
+        self.pending: tuple | None = None
+        self.step_times: list[float] = []
+        # (time, steps done): when the devices were last seen idle, and whether the
+        # steps since then are timed (not the first call's, which compiles).
+        self._mark: tuple[float, int, bool] = (time.perf_counter(), 0, False)
+        self.end = 0
+
+    def run(self, state: Any, it: data.BatchIterator, start: int, end: int) -> Any:
+        """Trains steps start..end (`it` at step start); returns the state."""
+        per_call, ex = int(self.config.steps_per_call), self.built.executor
+        # `per_call` steps in one call (spmd: overlapped); eval and checkpoint
+        # intervals are multiples of it, so only a stop_after cut is shorter.
+        sizes = [min(per_call, end - s) for s in range(start, end, per_call)]
+        place = batch_placement(self.config, ex)
+        feed = DeviceBatches(it, sizes, place, stack=per_call > 1)
+        self._mark, self.end = (time.perf_counter(), start, False), end
+        step = start
+        try:
+            for n in sizes:
+                batch = feed.next()
+                state, metrics = ex.step(state, batch) if per_call == 1 else ex.steps(state, batch)
+                self.watch.observe(metrics, step)
+                self._flush()  # the previous call's log steps, now that this one is queued
+                if any(self._log_due(s + 1) for s in range(step, step + n)):
+                    rates = [self.schedule(s) for s in range(step, step + n)]  # on device
+                    self.pending = (step, n, per_call > 1, (metrics, rates), self.watch.flag)
+                step += n
+                self.bar.update(n)
+                if step == start + n:  # the first call compiles: time the others only
+                    self._look(step)
+                self._evaluate_and_save(state, step, end)
+        finally:
+            feed.close()
+        self._look(end)
+        return state
+
+    def _log_due(self, done: int) -> bool:
+        return done % int(self.config.log_every_steps) == 0 or done == self.end
+
+    def _evaluate_and_save(self, state: Any, done: int, end: int) -> None:
+        c, ex = self.config, self.built.executor
+        T = int(c.num_train_steps)
+        evaluating = c.eval_every_steps and done % c.eval_every_steps == 0 and done < T
+        saving = done % int(c.checkpoint_every_steps) == 0 or done == end
+        if not (evaluating or saving):
+            return
+        self._look(done)  # nothing non-finite is evaluated or checkpointed
+        ts = ex.to_train_state(state)
+        if evaluating:
+            subset = Prefix(self.test_src, c.eval_examples or len(self.test_src))
+            metrics = evaluate(
+                self.built.eval_step, ts, subset, int(c.eval_batch_size),
+                desc=f"eval@{done}", progress=c.progress_bar, text=self.text,
+            )  # fmt: skip
+            self.writer.write("eval", done, metrics)
+        if saving:
+            self.ckpts.save(done, ts, done)  # batch s is step s's: the data step is `done`
+        self._mark = (time.perf_counter(), done, True)
+
+    def _look(self, done: int) -> None:
+        """Logs what is pending and raises if a non-finite value was seen; the devices
+        are then idle up to step `done`."""
+        self._flush()
+        self.watch.check(jax.device_get(self.watch.flag), self._kept)
+        self._mark = (time.perf_counter(), done, True)
+
+    def _flush(self) -> None:
+        """Fetches and writes the pending call's log steps (waits for that call)."""
+        if self.pending is None:
+            return
+        first, n, stacked, values, flag = self.pending
+        self.pending = None
+        (metrics, rates), flag = jax.device_get((values, flag))
+        now, (then, since, timed) = time.perf_counter(), self._mark
+        step_time = (now - then) / max(first + n - since, 1)
+        if timed:  # an interval that does not include the compilation
+            self.step_times.append(step_time)
+        self._mark = (now, first + n, True)
+        for i in range(n):
+            done = first + i + 1
+            if not self._log_due(done):
+                continue
+            record = {k: float(np.asarray(v[i] if stacked else v)) for k, v in metrics.items()}
+            record.update(step_time=step_time, learning_rate=float(rates[i]))
+            self.writer.write("train", done, record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
+        self.watch.check(flag, self._kept)
+
+    def _kept(self) -> str:
+        kept = self.ckpts.latest_step()
+        if kept is None:
+            return "No checkpoint had been written yet. "
+        return f"The last good checkpoint (step {kept}) is kept in {self.ckpts.directory}. "
 
 
-def _log_step(
-    writer: MetricWriter,
-    metrics: dict[str, Any],
-    step: int,
-    end: int,
-    config: ml_collections.ConfigDict,
-    K: int,
-    ckpts: Checkpoints,
-    schedule: Any,
-    step_time: float,
-) -> None:
-    """Writes step `step`'s train metrics when due; NonFiniteLossError if one is NaN/inf."""
-    done = step + 1
-    bad = first_nonfinite(metrics, K)
-    if bad or done % int(config.log_every_steps) == 0 or done == end:
-        record = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        record.update(step_time=step_time, learning_rate=schedule(step))
-        writer.write("train", done, record)
-    if bad:
-        k, name, value = bad
-        kept = ckpts.latest_step()
-        raise NonFiniteLossError(
-            f"{name} = {value} at step {done}, stage {k} (of K={K}); training stopped. "
-            + (
-                f"The last good checkpoint (step {kept}) is kept in {ckpts.directory}. "
-                if kept is not None
-                else "No checkpoint had been written yet. "
-            )
-            + "Lower --config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm."
-        )
+def batch_placement(config: ml_collections.ConfigDict, ex: Any) -> Callable[[Any], Any]:
+    """How a host batch is placed before the executor's call, on the feeding thread:
+    onto the single-program step's devices (sharded over its data mesh); mpmd and spmd
+    place each microbatch on its stage's devices themselves, from the host batch."""
+    if config.executor != "simulated":
+        return lambda batch: batch
+    mesh = ex.mesh
+    if mesh is None:
+        return jax.device_put
+    return lambda batch: global_batch(batch, mesh)
 
 
 def train_and_evaluate(
@@ -162,6 +245,11 @@ def train_and_evaluate(
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
     workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
+    final_examples = int(config.get("final_eval_examples", 0))
+    final_src = Prefix(test_src, final_examples) if final_examples else test_src
+    if latest == int(config.num_train_steps) and (done := finished_summary(workdir, final_src)):
+        ckpts.close()
+        return done
     info = train_src.info
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
@@ -181,48 +269,16 @@ def train_and_evaluate(
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     text = info.kind == "text"
-    final_examples = int(config.get("final_eval_examples", 0))
-    final_src = Prefix(test_src, final_examples) if final_examples else test_src
-    schedule = builders.learning_rate_schedule(config)
     writer = MetricWriter(workdir)
     end = T if stop_after is None else min(T, int(stop_after))
-    step_times: list[float] = []
     wall = time.perf_counter()
     bar = tqdm(
         total=T, initial=start, desc=f"train {built.strategy.name}", unit="step",
         disable=not config.progress_bar, dynamic_ncols=True,
     )  # fmt: skip
-    per_call = int(config.steps_per_call)
-    step = start
+    loop = _Loop(config, built, ckpts, writer, test_src, bar, text)
     try:
-        while step < end:
-            # `per_call` steps in one call (spmd: overlapped); eval and checkpoint
-            # intervals are multiples of it, so only a stop_after cut is shorter.
-            n = min(per_call, end - step)
-            t0 = time.perf_counter()
-            state, per_step = _call(ex, state, it, n, per_call)
-            step_time = (time.perf_counter() - t0) / n
-            if step > start:  # this process's first call includes compilation
-                step_times.append(step_time)
-            for i, metrics in enumerate(per_step):
-                _log_step(writer, metrics, step + i, end, config, K, ckpts, schedule, step_time)
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
-            step += n
-            done = step
-            if config.eval_every_steps and done % config.eval_every_steps == 0 and done < T:
-                subset = Prefix(test_src, config.eval_examples or len(test_src))
-                ts = ex.to_train_state(state)
-                writer.write(
-                    "eval",
-                    done,
-                    evaluate(
-                        built.eval_step, ts, subset, int(config.eval_batch_size),
-                        desc=f"eval@{done}", progress=config.progress_bar, text=text,
-                    ),
-                )  # fmt: skip
-            if done % int(config.checkpoint_every_steps) == 0 or done == end:
-                ckpts.save(done, ex.to_train_state(state), it.step)
+        state = loop.run(state, it, start, end)
         if end < T:
             return {"stopped_at": end, "workdir": workdir}
         bar.close()
@@ -233,6 +289,7 @@ def train_and_evaluate(
         writer.write("eval", T, final)
         writer.write("final", T, final)
     finally:
+        it.close()
         bar.close()
         ckpts.close()
         writer.close()
@@ -247,19 +304,7 @@ def train_and_evaluate(
         "metric": "perplexity" if text else "accuracy",
         "test": final,
     }
-    return _write_summary(workdir, summary, step_times, time.perf_counter() - wall)
-
-
-def _call(ex: Any, state: Any, it: data.BatchIterator, n: int, per_call: int) -> tuple:
-    """`n` steps in one executor call (overlapped by spmd's `steps` if per_call > 1):
-    (the new state, a host dict of metrics per step)."""
-    if per_call == 1:
-        state, metrics = ex.step(state, next(it))
-        return state, [jax.device_get(metrics)]
-    batches = [next(it) for _ in range(n)]
-    state, metrics = ex.steps(state, jax.tree.map(lambda *xs: np.stack(xs), *batches))
-    metrics = jax.device_get(metrics)
-    return state, [{name: v[i] for name, v in metrics.items()} for i in range(n)]
+    return _write_summary(workdir, summary, loop.step_times, time.perf_counter() - wall)
 
 
 def open_run(
@@ -283,6 +328,18 @@ def open_run(
         ckpts.close()
         raise
     return workdir, train_src, test_src, ckpts, latest
+
+
+def finished_summary(workdir: str, final_src: Any) -> dict[str, Any] | None:
+    """WORKDIR/summary.json if it records the final evaluation on `final_src`'s
+    examples (the caller has checked that the checkpoint is the final step), else None:
+    a finished run is not evaluated again when a comparison resumes."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("test_examples") == len(final_src) else None
 
 
 def _write_summary(

@@ -1,0 +1,167 @@
+"""Per-step time through `experiments.train`'s loop against the bare executor loop.
+
+    python -m benchmarks.trainer_overhead                  # 101 steps, 5 repeats
+    python -m benchmarks.trainer_overhead --steps=60 --executors=simulated
+
+For each executor (simulated and mpmd: a ResNet on synthetic IDX images, K = 2, mpmd
+with 2 microbatches; spmd: a Transformer LM on a synthetic text file, K = 2) one
+config, one executor (one compilation), timed both ways in the same process, round
+robin `--repeats` times:
+  bare     host batches made beforehand, `state, _ = ex.step(state, batch)` in a loop,
+           blocked on every `--log-every` steps; the median of those blocks per step;
+  trainer  `experiments.lib.trainer.train_and_evaluate` on the same config (data read
+           by grain, batches placed ahead, non-finite checks on device, metrics read
+           every `--log-every` steps, one checkpoint at the end); its summary's
+           step time (the median over the intervals between the host's looks).
+The first call of each (compilation) is not timed. The ratio trainer / bare is the
+trainer's overhead per step (the target is ≤ 1.05). On a CPU the trainer's data thread
+and the devices share the cores, which a GPU or TPU host does not; on a CPU that other
+work also loads, single runs vary by tens of percent, so the table gives medians and
+minimums over the repeats and each repeat's ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from benchmarks.common import use_cpu_devices
+
+EXECUTORS = ("simulated", "mpmd", "spmd")
+
+
+def _write_data(directory: str) -> dict[str, str]:
+    """Synthetic IDX images (28 x 28, 10 classes) and a text file: dataset specs."""
+    from ilbp import data
+
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 2048), ("t10k", 256)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        data.write_idx(os.path.join(directory, f"{stem}-images-idx3-ubyte.gz"), images)
+        data.write_idx(os.path.join(directory, f"{stem}-labels-idx1-ubyte.gz"), labels)
+    text = os.path.join(directory, "corpus.txt")
+    with open(text, "w") as f:
+        f.write("".join(chr(c) for c in rng.integers(32, 127, 400_000)))
+    return {"image": f"idx:{directory}", "text": f"text:{text}"}
+
+
+def make_config(
+    executor: str, datasets: dict[str, str], args: argparse.Namespace
+) -> ml_collections.ConfigDict:
+    """The benchmark's config of `executor` (see the module docstring)."""
+    from experiments.configs import fashion_mnist_resnet, stdlib_lm
+
+    if executor == "spmd":
+        c = stdlib_lm.get_config(f"pairwise,k=2,executor={executor}")
+        c.dataset, c.seq_len, c.batch_size = datasets["text"], 64, 16
+        c.model.update(num_layers=2, d_model=64, num_heads=4)
+    else:
+        m = 2 if executor == "mpmd" else 1
+        c = fashion_mnist_resnet.get_config(f"pairwise,k=2,executor={executor},m={m}")
+        c.dataset, c.batch_size, c.model.layout = datasets["image"], 32, "8,1/16,1"
+    c.num_train_steps, c.log_every_steps = args.steps, args.log_every
+    c.checkpoint_every_steps, c.eval_every_steps = args.steps, 0
+    c.final_eval_examples, c.eval_batch_size = 64, 64
+    c.optimizer.warmup_steps, c.progress_bar = 0, False
+    return c
+
+
+def bare_step_time(config: ml_collections.ConfigDict, log_every: int) -> float:
+    """Median seconds per step of the bare executor loop, in blocks of `log_every`."""
+    from experiments.lib import builders
+    from ilbp import data
+
+    src = builders.build_data(config, "train")
+    built = builders.build(config, src.info)
+    it = data.batches(src, int(config.batch_size), seed=int(config.seed))
+    batches = [it.batch_at(s) for s in range(int(config.num_train_steps))]
+    state = builders.initial_state(built, config, batches[0])
+    ex = built.executor
+    state, _ = ex.step(state, batches[0])  # compiles (once per process)
+    jax.block_until_ready(state)
+    times = []
+    for start in range(1, len(batches) - log_every + 1, log_every):
+        t0 = time.perf_counter()
+        for batch in batches[start : start + log_every]:
+            state, _ = ex.step(state, batch)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t0) / log_every)
+    return statistics.median(times)
+
+
+def trainer_step_time(config: ml_collections.ConfigDict) -> float:
+    """The summary's step time of a fresh `train_and_evaluate` run of `config`."""
+    from experiments.lib import trainer
+
+    with tempfile.TemporaryDirectory() as workdir:
+        return trainer.train_and_evaluate(config, workdir)["step_time_s"]
+
+
+def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float]]]:
+    """(executor, bare s/step of each repeat, trainer s/step of each repeat); a repeat
+    times the bare loop and then the trainer, one after the other."""
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        datasets = _write_data(directory)
+        for executor in args.executors.split(","):
+            config = make_config(executor, datasets, args)
+            bare, loop = [], []
+            for _ in range(args.repeats):
+                bare.append(bare_step_time(config, args.log_every))
+                loop.append(trainer_step_time(config))
+            rows.append((executor, bare, loop))
+    return rows
+
+
+def format_rows(rows: Sequence[tuple[str, list[float], list[float]]]) -> str:
+    """Medians and minimums over the repeats (the minimum: the run the machine's other
+    load disturbed least), and each repeat's ratio."""
+    lines = [
+        "| executor | bare ms/step (median, min) | trainer ms/step (median, min) | "
+        "trainer / bare (medians) | (minimums) | each repeat |",
+        "|---|---|---|---|---|---|",
+    ]
+    for executor, bare, loop in rows:
+        b, t = statistics.median(bare), statistics.median(loop)
+        each = ", ".join(f"{y / x:.2f}" for x, y in zip(bare, loop))
+        lines.append(
+            f"| {executor} | {b * 1e3:.1f}, {min(bare) * 1e3:.1f} | {t * 1e3:.1f}, "
+            f"{min(loop) * 1e3:.1f} | {t / b:.3f} | {min(loop) / min(bare):.3f} | {each} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--executors", default=",".join(EXECUTORS))
+    p.add_argument("--steps", type=int, default=101)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.steps < 2 * args.log_every + 1:
+        raise SystemExit("--steps must be at least 2 × --log-every + 1 (two timed intervals).")
+    jax.config.update("jax_threefry_partitionable", False)  # faster init on XLA:CPU
+    use_cpu_devices(2)
+    print(
+        f"# trainer overhead: {args.steps} steps, metrics every {args.log_every}, "
+        f"{args.repeats} repeats, {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start\n"
+    )
+    print(format_rows(measure(args)))
+
+
+if __name__ == "__main__":
+    main()
