@@ -6,7 +6,8 @@ An executor runs training steps of one (model, strategy, optimizer) on some devi
     state = ex.init(rng, batch)
     state, metrics = ex.step(state, batch)
     state, metrics = ex.steps(state, batches)   # T steps, batches stacked T × B × ...
-    ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval)
+    ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval;
+                                         # mpmd, spmd: on the host, each stage fetched)
     state = ex.from_train_state(ts)      # and back
 
 Kinds (docs/design.md §3):

@@ -192,6 +192,7 @@ class MPMDExecutor:
             [jax.device_put(np.int32(m), self.replicated[k]) for m in range(microbatches)]
             for k in range(K)
         ]
+        self.zeros = [ops.zeros_op(s) for s in self.replicated]  # gradient sums, M > 1
         self._ops = {True: self._build_ops(donate=True)}
 
     def stage_ops(self, donate: bool = True) -> list[_StageOps]:
@@ -296,7 +297,13 @@ class _StepRun:
         self.outputs: dict[tuple[int, int], jax.Array] = {}  # (m, k) -> h_k for the aux head
         self.residuals: dict[tuple[int, int], Any] = {}
         self.cots: dict[tuple[int, int], dict[int, jax.Array]] = {}  # ∂L_j/∂h_k on stage k
-        self.grad_sum: list[dict[str, Any]] = [{"stage": None, "head": None} for _ in range(K)]
+        # Gradient sums (no head sum without an A op): None at M = 1, where an op's
+        # gradient is the sum, else zeros (one signature for every microbatch's op).
+        zeros = lambda tree, k: None if M == 1 or tree is None else ex.zeros[k](tree)
+        self.grad_sum: list[dict[str, Any]] = [
+            {"stage": zeros(p["stage"], k), "head": zeros(p["head"] if o.head else None, k)}
+            for k, (p, o) in enumerate(zip(self.params, self.ops))
+        ]
         self.stage_metrics: list[dict[int, Metrics]] = [{} for _ in range(K)]  # by microbatch
         self.metrics: Metrics = {}
         # A microbatch's residuals and cotangents go after its last backward op on k.

@@ -54,7 +54,7 @@ def microbatch_rngs(rng: jax.Array, step: jax.Array, m: jax.Array, k: int) -> tu
 
 
 def _add(acc, tree, count=None):
-    """acc + count · tree (acc None: nothing yet; count None: 1)."""
+    """acc + count · tree (acc None: M = 1, no sum; count None: 1)."""
     if count is not None:
         tree = jax.tree.map(lambda x: count.astype(x.dtype) * x, tree)
     return tree if acc is None else jax.tree.map(jnp.add, acc, tree)
@@ -122,6 +122,15 @@ def head_op(
         return _add(acc, dphi, count), new_state, dh, loss_metrics(k, num_stages, loss, metrics)
 
     return _jit(aux, donate, (1, 7))
+
+
+@functools.cache
+def zeros_op(sharding: jax.sharding.Sharding) -> Callable:
+    """tree -> zeros like it, placed by `sharding` (a stage's devices: outputs that read
+    no input would land on the default device). The gradient sums at M > 1 start from
+    them (as in `accumulate_grads`), so that A and W take one signature at every
+    microbatch (None at the first would compile them twice)."""
+    return jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), out_shardings=sharding)
 
 
 # V for any stage and loss: the residuals' recipe (their stage's forward) keys the cache.
