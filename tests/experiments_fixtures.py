@@ -38,7 +38,6 @@ def tiny(c: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.ConfigD
     """Test-sized run settings: few steps, no progress bars, train metrics and a
     checkpoint every step (so one step per executor call)."""
     c.num_train_steps = steps
-    c.steps_per_call = 1
     c.log_every_steps = 1
     c.optimizer.warmup_steps = 0
     c.eval_every_steps = 0
