@@ -298,10 +298,11 @@ class _StepRun:
         self.residuals: dict[tuple[int, int], Any] = {}
         self.cots: dict[tuple[int, int], dict[int, jax.Array]] = {}  # ∂L_j/∂h_k on stage k
         # Gradient sums (no head sum without an A op): None at M = 1, where an op's
-        # gradient is the sum, else zeros (one signature for every microbatch's op).
-        zeros = lambda tree, k: None if M == 1 or tree is None else ex.zeros[k](tree)
+        # gradient is the sum, else zeros (one signature for every microbatch's op),
+        # made by one dispatch per stage.
+        like = lambda p, o: {"stage": p["stage"], "head": p["head"] if o.head else None}
         self.grad_sum: list[dict[str, Any]] = [
-            {"stage": zeros(p["stage"], k), "head": zeros(p["head"] if o.head else None, k)}
+            {"stage": None, "head": None} if M == 1 else ex.zeros[k](like(p, o))
             for k, (p, o) in enumerate(zip(self.params, self.ops))
         ]
         self.stage_metrics: list[dict[int, Metrics]] = [{} for _ in range(K)]  # by microbatch
