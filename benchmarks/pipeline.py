@@ -142,10 +142,11 @@ def measure_stages(
         p, s, b, x = jax.device_put((ts.params[k], ts.state[k], batch, x), devices[k])
         rng, step = jax.device_put((ts.rng, ts.step), devices[k])
         if k < K - 1:
-            op, args = mpmd_ops.forward_op(stage, k, k == 0), (p["stage"], s["stage"], x)
+            op = mpmd_ops.forward_op(stage, k, k == 0, False)
+            args = (p["stage"], s["stage"], x)
             args += (rng, step, 0)
         else:
-            op = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0)
+            op = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0, False)
             args = (p["stage"], s["stage"], x, b, rng, step, 0)
         forwards.append(lambda op=op, args=args: op(*args))
         temp.append(op.lower(*args).compile().memory_analysis().temp_size_in_bytes)
@@ -235,6 +236,7 @@ def measure_periods(
             jax.block_until_ready(st)
             measured = (time.perf_counter() - t0) / steps * 1e3
             sched = simulate(spec, K, M, steps=8, costs=costs, fused_backward=True)
+            st, _ = record_timeline(ex, st, batch)  # compiles the traced (undonated) ops
             st, timeline = record_timeline(ex, st, batch, steps=steps)
             traced, traced_busy = steady_state(timeline, K)
             in_run = simulate(

@@ -14,6 +14,7 @@ anything of that step is checkpointed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -127,11 +128,9 @@ class _Loop:
 
     def run(self, state: Any, it: data.BatchIterator, start: int, end: int) -> Any:
         """Trains steps start..end (`it` at step start); returns the state."""
-        per_call, ex = int(self.config.steps_per_call), self.built.executor
-        # `per_call` steps in one call (spmd: overlapped); eval and checkpoint
-        # intervals are multiples of it, so only a stop_after cut is shorter.
-        sizes = [min(per_call, end - s) for s in range(start, end, per_call)]
-        place = batch_placement(self.config, ex)
+        per_call, ex = builders.steps_per_call(self.config), self.built.executor
+        sizes = call_sizes(start, end, per_call)
+        place = batch_placement(self.config, ex, stacked=per_call > 1)
         feed = DeviceBatches(it, sizes, place, stack=per_call > 1)
         self._mark, self.end = (time.perf_counter(), start, False), end
         step = start
@@ -213,16 +212,27 @@ class _Loop:
         return f"The last good checkpoint (step {kept}) is kept in {self.ckpts.directory}. "
 
 
-def batch_placement(config: ml_collections.ConfigDict, ex: Any) -> Callable[[Any], Any]:
-    """How a host batch is placed before the executor's call, on the feeding thread:
-    onto the single-program step's devices (sharded over its data mesh); mpmd and spmd
-    place each microbatch on its stage's devices themselves, from the host batch."""
+def call_sizes(start: int, end: int, per_call: int) -> list[int]:
+    """The steps of each executor call from step `start` to `end`: calls end on
+    multiples of `per_call` (where evaluations and checkpoints fall), so a run resumed
+    from a stop_after cut between them first completes the cut call."""
+    edges = [start, *range((start // per_call + 1) * per_call, end, per_call), end]
+    return [b - a for a, b in itertools.pairwise(edges) if b > a]
+
+
+def batch_placement(
+    config: ml_collections.ConfigDict, ex: Any, *, stacked: bool = False
+) -> Callable[[Any], Any]:
+    """How a host batch (T × B × ... if `stacked`) is placed before the executor's call,
+    on the feeding thread: onto the single-program step's devices (rows sharded over its
+    data mesh); mpmd and spmd place each microbatch on its stage's devices themselves,
+    from the host batch."""
     if config.executor != "simulated":
         return lambda batch: batch
     mesh = ex.mesh
     if mesh is None:
         return jax.device_put
-    return lambda batch: global_batch(batch, mesh)
+    return lambda batch: global_batch(batch, mesh, stacked=stacked)
 
 
 def train_and_evaluate(
