@@ -2,6 +2,7 @@
 
     python -m benchmarks.trainer_overhead                  # 110 steps, 5 repeats
     python -m benchmarks.trainer_overhead --steps=60 --executors=simulated
+    python -m benchmarks.trainer_overhead --platform=default   # on a GPU or TPU
 
 For each executor (simulated and mpmd: a ResNet on synthetic IDX images, K = 2, mpmd
 with 2 microbatches; spmd: a Transformer LM on a synthetic text file, K = 2) one
@@ -129,7 +130,7 @@ def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         datasets = _write_data(directory)
-        for executor in args.executors.split(","):
+        for executor in args.executors:
             config = make_config(executor, datasets, args)
             bare, loop = [], []
             for _ in range(args.repeats):
@@ -166,7 +167,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=110, help="a multiple of 10: spmd runs 10 per call")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--platform",
+        choices=("cpu", "default"),
+        default="cpu",
+        help="cpu: 2 CPU devices; default: JAX's default backend (a GPU or TPU), where "
+        "executors that need more devices than it has are skipped",
+    )
     return p.parse_args(argv)
+
+
+def runnable_executors(names: str, devices: int) -> tuple[list[str], list[str]]:
+    """(the executors of `names` that fit on `devices`, those skipped): mpmd and spmd
+    put the K = 2 stages on 2 devices, simulated needs one."""
+    wanted = [n for n in names.split(",") if n]
+    fits = [n for n in wanted if n == "simulated" or devices >= 2]
+    return fits, [n for n in wanted if n not in fits]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -174,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps < 2 * args.log_every + 1:
         raise SystemExit("--steps must be at least 2 × --log-every + 1 (two timed intervals).")
     jax.config.update("jax_threefry_partitionable", False)  # faster init on XLA:CPU
-    use_cpu_devices(2)
+    if args.platform == "cpu":
+        use_cpu_devices(2)
+    args.executors, skipped = runnable_executors(args.executors, jax.device_count())
+    if skipped:
+        print(f"# skipped (need 2 devices, found {jax.device_count()}): {', '.join(skipped)}")
     print(
         f"# trainer overhead: {args.steps} steps, metrics every {args.log_every}, "
         f"{args.repeats} repeats, {jax.device_count()} {jax.devices()[0].platform} devices, "

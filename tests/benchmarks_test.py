@@ -68,3 +68,13 @@ def test_mpmd_memory_drops_the_parameter_copies():
         assert r.peak["after"] < r.peak["before"], r
         assert 0 < r.backward_flops["after"] <= 1.01 * r.backward_flops["before"], r
     assert "| pairwise | 2 | 0 |" in mpmd_memory.format_rows(rows)
+
+
+def test_trainer_overhead_skips_what_does_not_fit_one_accelerator():
+    from benchmarks import trainer_overhead
+
+    assert trainer_overhead.runnable_executors("simulated,mpmd,spmd", 1) == (
+        ["simulated"],
+        ["mpmd", "spmd"],
+    )
+    assert trainer_overhead.runnable_executors("mpmd,spmd", 2) == (["mpmd", "spmd"], [])
