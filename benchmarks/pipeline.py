@@ -142,10 +142,11 @@ def measure_stages(
         p, s, b, x = jax.device_put((ts.params[k], ts.state[k], batch, x), devices[k])
         rng, step = jax.device_put((ts.rng, ts.step), devices[k])
         if k < K - 1:
-            op, args = mpmd_ops.forward_op(stage, k, k == 0), (p["stage"], s["stage"], x)
+            op = mpmd_ops.forward_op(stage, k, k == 0, False)
+            args = (p["stage"], s["stage"], x)
             args += (rng, step, 0)
         else:
-            op = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0)
+            op = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0, False)
             args = (p["stage"], s["stage"], x, b, rng, step, 0)
         forwards.append(lambda op=op, args=args: op(*args))
         temp.append(op.lower(*args).compile().memory_analysis().temp_size_in_bytes)
@@ -235,6 +236,7 @@ def measure_periods(
             jax.block_until_ready(st)
             measured = (time.perf_counter() - t0) / steps * 1e3
             sched = simulate(spec, K, M, steps=8, costs=costs, fused_backward=True)
+            st, _ = record_timeline(ex, st, batch)  # compiles the traced (undonated) ops
             st, timeline = record_timeline(ex, st, batch, steps=steps)
             traced, traced_busy = steady_state(timeline, K)
             in_run = simulate(
@@ -435,11 +437,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=3, help="dense layers per stage")
     p.add_argument("--batch", type=int, default=512, help="microbatch size")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument(
+        "--model_only",
+        action="store_true",
+        help="only the schedule model's sections (no measurement; deterministic)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.model_only:
+        print(predictions())
+        return
     use_cpu_devices(args.stages, multi_thread_eigen=False)
     K, opt = args.stages, optax.sgd(0.01)
     model = mlp_model(K, args.width, args.layers)
@@ -454,8 +464,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     Ms = [int(m) for m in args.microbatches.split(",")]
     rows = measure_periods(model, opt, stages, make_batch, strategies, Ms, args.steps)
     print(format_periods(rows, stages.slowdown))
+    print(predictions())
+
+
+def predictions() -> str:
+    """The schedule model's sections: throughput for K = 4..32, the target checks, the
+    work-balanced split and the throughput-versus-memory frontier."""
     table = throughput_table(("global", "local", "pairwise", "3wise"), STAGE_COUNTS, (1, 4))
-    print(format_predictions(table, target_checks(), work_balanced(), frontier()))
+    return format_predictions(table, target_checks(), work_balanced(), frontier())
 
 
 if __name__ == "__main__":

@@ -63,14 +63,18 @@ def measure(args: argparse.Namespace) -> list[OverlapRow]:
         ts = ilbp.init_train_state(model, opt, jax.random.key(0), first)
         for spec in args.strategies.split(","):
             ex = make_executor("spmd", model, spec, opt, microbatches=M, mesh=mesh)
-            st = ex.from_train_state(ts)
+            # Calls donate their state: each continues from the state the last returned.
+            held = [ex.from_train_state(ts)]
 
-            def drained(st=st, ex=ex, batches=batches):
+            def drained(ex=ex, batches=batches, held=held):
                 for t in range(T):
-                    st, _ = ex.step(st, {name: x[t] for name, x in batches.items()})
-                return st
+                    held[0], _ = ex.step(held[0], {name: x[t] for name, x in batches.items()})
+                return held[0]
 
-            overlapped = lambda st=st, ex=ex, batches=batches: ex.steps(st, batches)[0]
+            def overlapped(ex=ex, batches=batches, held=held):
+                held[0], _ = ex.steps(held[0], batches)
+                return held[0]
+
             rows.append(
                 OverlapRow(
                     ilbp.Strategy.parse(spec).name,

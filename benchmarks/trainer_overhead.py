@@ -1,14 +1,17 @@
 """Per-step time through `experiments.train`'s loop against the bare executor loop.
 
-    python -m benchmarks.trainer_overhead                  # 101 steps, 5 repeats
+    python -m benchmarks.trainer_overhead                  # 110 steps, 5 repeats
     python -m benchmarks.trainer_overhead --steps=60 --executors=simulated
+    python -m benchmarks.trainer_overhead --platform=default   # on a GPU or TPU
 
 For each executor (simulated and mpmd: a ResNet on synthetic IDX images, K = 2, mpmd
 with 2 microbatches; spmd: a Transformer LM on a synthetic text file, K = 2) one
 config, one executor (one compilation), timed both ways in the same process, round
 robin `--repeats` times:
-  bare     host batches made beforehand, `state, _ = ex.step(state, batch)` in a loop,
-           blocked on every `--log-every` steps; the median of those blocks per step;
+  bare     host batches made beforehand, `state, _ = ex.step(state, batch)` in a loop
+           (`ex.steps` on T stacked batches when the config runs T > 1 steps per
+           call: spmd by default), blocked after the calls that cover `--log-every`
+           steps; the median of those blocks per step;
   trainer  `experiments.lib.trainer.train_and_evaluate` on the same config (data read
            by grain, batches placed ahead, non-finite checks on device, metrics read
            every `--log-every` steps, one checkpoint at the end); its summary's
@@ -54,6 +57,10 @@ def _write_data(directory: str) -> dict[str, str]:
     return {"image": f"idx:{directory}", "text": f"text:{text}"}
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def make_config(
     executor: str, datasets: dict[str, str], args: argparse.Namespace
 ) -> ml_collections.ConfigDict:
@@ -69,7 +76,9 @@ def make_config(
         c = fashion_mnist_resnet.get_config(f"pairwise,k=2,executor={executor},m={m}")
         c.dataset, c.batch_size, c.model.layout = datasets["image"], 32, "8,1/16,1"
     c.num_train_steps, c.log_every_steps = args.steps, args.log_every
-    c.checkpoint_every_steps, c.eval_every_steps = args.steps, 0
+    # One checkpoint, at the end; the interval is a multiple of 10 so that spmd's default
+    # steps_per_call (the largest T ≤ 10 dividing it) is 10.
+    c.checkpoint_every_steps, c.eval_every_steps = _round_up(args.steps, 10), 0
     c.final_eval_examples, c.eval_batch_size = 64, 64
     c.optimizer.warmup_steps, c.progress_bar = 0, False
     return c
@@ -83,18 +92,25 @@ def bare_step_time(config: ml_collections.ConfigDict, log_every: int) -> float:
     src = builders.build_data(config, "train")
     built = builders.build(config, src.info)
     it = data.batches(src, int(config.batch_size), seed=int(config.seed))
+    T, ex = builders.steps_per_call(config), built.executor
     batches = [it.batch_at(s) for s in range(int(config.num_train_steps))]
     state = builders.initial_state(built, config, batches[0])
-    ex = built.executor
-    state, _ = ex.step(state, batches[0])  # compiles (once per process)
+    calls = [batches[s : s + T] for s in range(0, len(batches) - T + 1, T)]  # whole calls
+    if T > 1:
+        calls = [jax.tree.map(lambda *xs: np.stack(xs), *call) for call in calls]
+        run = ex.steps
+    else:
+        calls, run = [call[0] for call in calls], ex.step
+    state, _ = run(state, calls[0])  # compiles (once per process)
     jax.block_until_ready(state)
+    per_block = -(-log_every // T)  # calls per timed block
     times = []
-    for start in range(1, len(batches) - log_every + 1, log_every):
+    for start in range(1, len(calls) - per_block + 1, per_block):
         t0 = time.perf_counter()
-        for batch in batches[start : start + log_every]:
-            state, _ = ex.step(state, batch)
+        for batch in calls[start : start + per_block]:
+            state, _ = run(state, batch)
         jax.block_until_ready(state)
-        times.append((time.perf_counter() - t0) / log_every)
+        times.append((time.perf_counter() - t0) / (per_block * T))
     return statistics.median(times)
 
 
@@ -109,16 +125,21 @@ def trainer_step_time(config: ml_collections.ConfigDict) -> float:
 def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float]]]:
     """(executor, bare s/step of each repeat, trainer s/step of each repeat); a repeat
     times the bare loop and then the trainer, one after the other."""
+    from experiments.lib import builders
+
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         datasets = _write_data(directory)
-        for executor in args.executors.split(","):
+        for executor in args.executors:
             config = make_config(executor, datasets, args)
             bare, loop = [], []
             for _ in range(args.repeats):
                 bare.append(bare_step_time(config, args.log_every))
                 loop.append(trainer_step_time(config))
-            rows.append((executor, bare, loop))
+            per_call = builders.steps_per_call(config)
+            rows.append(
+                (f"{executor} ({per_call} steps/call)" if per_call > 1 else executor, bare, loop)
+            )
     return rows
 
 
@@ -143,10 +164,25 @@ def format_rows(rows: Sequence[tuple[str, list[float], list[float]]]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--executors", default=",".join(EXECUTORS))
-    p.add_argument("--steps", type=int, default=101)
+    p.add_argument("--steps", type=int, default=110, help="a multiple of 10: spmd runs 10 per call")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--platform",
+        choices=("cpu", "default"),
+        default="cpu",
+        help="cpu: 2 CPU devices; default: JAX's default backend (a GPU or TPU), where "
+        "executors that need more devices than it has are skipped",
+    )
     return p.parse_args(argv)
+
+
+def runnable_executors(names: str, devices: int) -> tuple[list[str], list[str]]:
+    """(the executors of `names` that fit on `devices`, those skipped): mpmd and spmd
+    put the K = 2 stages on 2 devices, simulated needs one."""
+    wanted = [n for n in names.split(",") if n]
+    fits = [n for n in wanted if n == "simulated" or devices >= 2]
+    return fits, [n for n in wanted if n not in fits]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -154,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps < 2 * args.log_every + 1:
         raise SystemExit("--steps must be at least 2 × --log-every + 1 (two timed intervals).")
     jax.config.update("jax_threefry_partitionable", False)  # faster init on XLA:CPU
-    use_cpu_devices(2)
+    if args.platform == "cpu":
+        use_cpu_devices(2)
+    args.executors, skipped = runnable_executors(args.executors, jax.device_count())
+    if skipped:
+        print(f"# skipped (need 2 devices, found {jax.device_count()}): {', '.join(skipped)}")
     print(
         f"# trainer overhead: {args.steps} steps, metrics every {args.log_every}, "
         f"{args.repeats} repeats, {jax.device_count()} {jax.devices()[0].platform} devices, "

@@ -32,6 +32,17 @@ def check_batch_split(batch: Mapping[str, jax.Array], data: int, microbatches: i
     return size
 
 
+def check_stacked(batches: Mapping[str, jax.Array]) -> int:
+    """Returns T of batches stacked T × B × ... (one batch per step); ValueError if not."""
+    leaves = jax.tree.leaves(batches)
+    if not leaves or any(np.ndim(x) < 2 for x in leaves):
+        raise ValueError("steps() takes batches stacked T × B × ...: one batch per step.")
+    steps = {np.shape(x)[0] for x in leaves}
+    if len(steps) != 1:
+        raise ValueError(f"Every stacked batch entry needs the same T; got {sorted(steps)}.")
+    return steps.pop()
+
+
 def check_stage_devices(num_stages: int, available: int, kind: str) -> None:
     """ValueError unless there is a device (group) for each of the K stages."""
     if num_stages > available:

@@ -237,32 +237,32 @@ def _stage_calls(
         row: dict[OpKind, Call] = {}
         if k < K - 1:
             row[OpKind.FORWARD] = (
-                mpmd_ops.forward_op(stage, k, k == 0),
+                mpmd_ops.forward_op(stage, k, k == 0, False),
                 (p["stage"], s["stage"], x, rng, step, m),
             )
-            h, vjp, _ = run(row[OpKind.FORWARD])
-            head = mpmd_ops.head_op(model.heads[k], model.head_loss(k), 1.0, k, K)
+            h, res, _ = run(row[OpKind.FORWARD])
+            head = mpmd_ops.head_op(model.heads[k], model.head_loss(k), 1.0, k, K, False)
             row[OpKind.AUX] = (head, (p["head"], s["head"], h, batch, rng, step, m, None))
             dphi, _, cot, metrics = run(row[OpKind.AUX])
             grads = {"head": dphi}
         else:
-            forward = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0)
+            forward = mpmd_ops.last_forward_op(stage, model.loss, k, k == 0, False)
             row[OpKind.FORWARD] = (forward, (p["stage"], s["stage"], x, batch, rng, step, m))
-            vjp, _, cot, metrics = run(row[OpKind.FORWARD])
+            res, _, cot, metrics = run(row[OpKind.FORWARD])
             h, grads = None, {}
         cotangent = {k: cot}
         if k > 0:  # stage 0 sends nothing back
-            row[OpKind.INPUT_VJP] = (mpmd_ops.input_vjp_op, (vjp, cot))
-            both = mpmd_ops.backward_op(StagePlan(((k, 1.0),), (k,)))
-            row[OpKind.BACKWARD] = (both, (vjp, cotangent, None))
-        param_only = mpmd_ops.backward_op(StagePlan(((k, 1.0),), ()))
-        row[OpKind.PARAM_VJP] = (param_only, (vjp, cotangent, None))
+            row[OpKind.INPUT_VJP] = (mpmd_ops.input_vjp_op, (p["stage"], res, cot))
+            both = mpmd_ops.backward_op(StagePlan(((k, 1.0),), (k,)), False)
+            row[OpKind.BACKWARD] = (both, (p["stage"], res, cotangent, None))
+        param_only = mpmd_ops.backward_op(StagePlan(((k, 1.0),), ()), False)
+        row[OpKind.PARAM_VJP] = (param_only, (p["stage"], res, cotangent, None))
         grads["stage"] = run(row[OpKind.PARAM_VJP])[0]
-        update = mpmd_ops.update_op(optimizers[k], k, 1)
+        update = mpmd_ops.update_op(optimizers[k], k, 1, False)
         row[OpKind.UPDATE] = (update, (p, ts.opt_state[k], grads, step, [metrics]))
         calls.append(row)
         outputs.append(h)
-        residuals.append(vjp)
+        residuals.append(res)
         x = h
     return calls, outputs, residuals
 

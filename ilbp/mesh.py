@@ -58,9 +58,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, jax.P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`, replicated over every other axis."""
-    return NamedSharding(mesh, jax.P(DATA_AXIS))
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+    """Leading (batch) axis split over `data`, replicated over every other axis; of
+    batches stacked T × B × ... (`stacked`), the B axis."""
+    return NamedSharding(mesh, jax.P(None, DATA_AXIS) if stacked else jax.P(DATA_AXIS))
 
 
 def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
@@ -86,11 +87,13 @@ def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
     return held[0] // n, size // n
 
 
-def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+def global_batch(local_batch: Any, mesh: Mesh, *, stacked: bool = False) -> Any:
     """The global batch on `mesh` from this process's rows of it.
 
-    `local_batch`: a pytree of numpy arrays [B/count, ...], block `index` of
-    `process_batch_shard(mesh)`. Returns the same pytree of jax.Arrays [B, ...] sharded by
-    `batch_sharding(mesh)`; nothing is copied between processes.
+    `local_batch`: a pytree of numpy arrays [B/count, ...] ([T, B/count, ...] if
+    `stacked`: T steps' batches), block `index` of `process_batch_shard(mesh)`. Returns
+    the same pytree of jax.Arrays [B, ...] ([T, B, ...]) sharded by
+    `batch_sharding(mesh, stacked=stacked)`; nothing is copied between processes.
     """
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+    sharding = batch_sharding(mesh, stacked=stacked)
+    return jax.make_array_from_process_local_data(sharding, local_batch)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ilbp.checks import check_batch_split, check_microbatches
+from ilbp.checks import check_batch_split, check_microbatches, check_stacked
 from ilbp.engine import ENGINES, Grads, Metrics, loss_metrics, trained_params
 from ilbp.losses import loss_count
 from ilbp.mesh import DATA_AXIS, batch_sharding, replicated
@@ -226,6 +226,28 @@ def make_train_step(
 
     checked_step.jitted = jitted
     return checked_step
+
+
+def slice_rows(x: Any, start: int, stop: int) -> Any:
+    """x[start:stop]: numpy on the host, a static slice on the device for a jax array
+    (indexing one with Python ints would first transfer them to its device)."""
+    if isinstance(x, jax.Array):
+        return jax.lax.slice_in_dim(x, start, stop)
+    return x[start:stop]
+
+
+def run_steps(
+    step: Callable[[Any, Batch], tuple[Any, Metrics]], state: Any, batches: Batch
+) -> tuple[Any, Metrics]:
+    """T calls of `step` on batches stacked T × B × ..., one after another (nothing
+    waits for the devices between them): the state after them, and every step's metrics
+    stacked on a leading T axis."""
+    metrics = []
+    for t in range(check_stacked(batches)):
+        batch = jax.tree.map(lambda x, t=t: slice_rows(x, t, t + 1).reshape(x.shape[1:]), batches)
+        state, step_metrics = step(state, batch)
+        metrics.append(step_metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
 
 def make_eval_step(

@@ -7,9 +7,10 @@ Each table sits between `<!-- results:<name> -->` and `<!-- /results -->` in REA
 and is generated from `docs/results/<name>/`, the output of `experiments.compare`:
 runs.csv (every run's final test metrics), results.csv (per-strategy predictions and
 time to quality) and command.txt (the command that produced them). Every test number
-is the mean ± sample std over seeds; the recovery ratio (pairwise − local)/(e2e − local)
-of the quality metric (test accuracy; test loss for LMs) is taken per seed, then
-averaged. A marker whose directory does not exist yet renders as a one-line note.
+is the mean ± sample std over seeds, each aux head's the mean; the recovery ratio
+(s − local)/(e2e − local) of every interlocking strategy s, in the quality metric (test
+accuracy; test loss for LMs), is taken per seed, then averaged. A marker whose
+directory has no runs.csv yet (none, or still training) renders as a one-line note.
 """
 
 from __future__ import annotations
@@ -48,25 +49,49 @@ def quality_metric(runs: list[dict[str, str]]) -> str:
     return "loss" if "perplexity" in runs[0] else "accuracy"
 
 
-def recovery(runs: list[dict[str, str]], metric: str) -> list[float]:
-    """Per seed that e2e, local and pairwise all ran: (pairwise − local)/(e2e − local)."""
+def recovery(runs: list[dict[str, str]], metric: str, strategy: str = "pairwise") -> list[float]:
+    """Per seed that e2e, local and `strategy` all ran: (strategy − local)/(e2e − local)."""
     by = {(r["strategy"], r["seed"]): float(r[metric]) for r in runs}
     seeds = sorted({seed for _, seed in by}, key=int)
     ratios = []
     for seed in seeds:
         try:
-            e2e, local, pairwise = (by[s, seed] for s in ("e2e", "local", "pairwise"))
+            e2e, local, mine = (by[s, seed] for s in ("e2e", "local", strategy))
         except KeyError:
             continue
         if e2e != local:
-            ratios.append((pairwise - local) / (e2e - local))
+            ratios.append((mine - local) / (e2e - local))
     return ratios
+
+
+def recovery_line(runs: list[dict[str, str]], metric: str) -> str:
+    """The recovery ratio of every interlocking strategy (window between local and global)."""
+    ends = ("e2e", "global", "local")
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in runs) if s not in ends]
+    parts = []
+    for strategy in strategies:
+        ratios = recovery(runs, metric, strategy)
+        if ratios:
+            parts.append(f"{strategy} {_spread(ratios, 3)}")
+    found = "; ".join(parts) or "n/a (needs e2e, local and an interlocking strategy)"
+    return f"Recovery (strategy − local)/(e2e − local) of test {metric}, per seed: {found}."
+
+
+def aux_cell(mine: list[dict[str, str]], metric: str) -> str:
+    """Each aux head's test `metric`, mean over seeds, k = 0..K−2 ("–" without heads)."""
+    heads = sorted(
+        int(key.split("/")[1]) for key in mine[0] if key.startswith("aux/") and key.endswith(metric)
+    )
+    values = [[float(r[f"aux/{k}/{metric}"]) for r in mine] for k in heads]
+    if not values or any(math.isnan(v) for v in values[0]):
+        return "–"
+    return " / ".join(f"{statistics.fmean(v):.3f}" for v in values)
 
 
 def render(name: str, root: str = ROOT) -> str:
     """The markdown between the markers of `name` (module docstring)."""
     directory = os.path.join(root, RESULTS_DIR, name)
-    if not os.path.isdir(directory):
+    if not os.path.exists(os.path.join(directory, "runs.csv")):  # none, or still training
         return f"_No committed results yet: `{RESULTS_DIR}/{name}/` will hold them._\n"
     runs = _read_csv(os.path.join(directory, "runs.csv"))
     rows = {r["strategy"]: r for r in _read_csv(os.path.join(directory, "results.csv"))}
@@ -75,7 +100,9 @@ def render(name: str, root: str = ROOT) -> str:
     text = "perplexity" in runs[0]
     metrics = ["loss", "perplexity"] + (["bits_per_byte"] if "bits_per_byte" in runs[0] else [])
     metrics = metrics if text else ["accuracy"]
+    aux_metric = "loss" if text else "accuracy"
     head = [f"test {m}" for m in metrics] + [
+        f"aux heads' test {aux_metric} (k=0..)",
         "pred. ×e2e split, M=1",
         "pred. ×best e2e pipeline (schedule, M)",
         "activations / device (strategy / pipeline)",
@@ -85,18 +112,16 @@ def render(name: str, root: str = ROOT) -> str:
     for strategy, row in rows.items():
         mine = [r for r in runs if r["strategy"] == strategy]
         cells = [_spread([float(r[m]) for r in mine]) for m in metrics]
+        cells.append(aux_cell(mine, aux_metric))
         cells += _prediction_cells(row)
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
-    metric = quality_metric(runs)
-    ratios = recovery(runs, metric)
-    ratio = _spread(ratios, 3) if ratios else "n/a (needs e2e, local and pairwise runs)"
     return "\n".join(
         [
             f"`{command}`",
             "",
             *lines,
             "",
-            f"Recovery (pairwise − local)/(e2e − local) of test {metric}: {ratio}. "
+            f"{recovery_line(runs, quality_metric(runs))} "
             f"Files: [`{RESULTS_DIR}/{name}/`]({RESULTS_DIR}/{name}/results.md).",
             "",
         ]

@@ -85,7 +85,7 @@ BAD_OVERRIDES = [
     ("", {"optimizer.name": "lion"}, r"Unknown config\.optimizer\.name"),
     ("", {"optimizer.schedule": "linear"}, r"Unknown config\.optimizer\.schedule"),
     ("", {"model.balance": "time"}, r"Unknown config\.model\.balance"),
-    ("executor=mpmd", {"steps_per_call": 2}, "needs executor=spmd"),
+    ("executor=mpmd", {"steps_per_call": 3}, "eval_every_steps=50 is not a multiple"),
     ("executor=spmd", {"steps_per_call": 2, "checkpoint_every_steps": 5}, "not a multiple"),
     ("executor=spmd", {"max_in_flight": 3}, "for executor=mpmd only"),
     # Counts and cadences.
@@ -319,3 +319,26 @@ def test_named_variants_apply_before_the_other_tokens():
     assert "pairwise:sum" in stdlib_lm.get_config("long").compare.strategies
     with pytest.raises(ValueError, match="This config's variants: long, long_deep"):
         stdlib_lm.get_config("lung")
+
+
+@pytest.mark.parametrize("executor", ["simulated", "mpmd", "spmd"])
+def test_default_steps_per_call_fits_every_config_and_variant(executor):
+    """steps_per_call=0 (the default) is valid with every config and its variants: spmd
+    gets the largest T ≤ 10 dividing the eval and checkpoint intervals (7 for the
+    469-step intervals of fashion_mnist's long run), the others one step per call."""
+    from experiments.configs import fashion_mnist_resnet, stdlib_lm
+
+    for name in CONFIGS:
+        builders.validate(importlib.import_module(f"experiments.configs.{name}").get_config())
+    expected = {"simulated": (1, 1), "mpmd": (1, 1), "spmd": (7, 10)}[executor]
+    for module, variant, per_call in zip(
+        (fashion_mnist_resnet, stdlib_lm), ("long", "long_deep"), expected, strict=True
+    ):
+        c = module.get_config(f"{variant},executor={executor}")
+        assert c.steps_per_call == 0
+        builders.validate(c)
+        assert builders.steps_per_call(c) == per_call
+    c.steps_per_call = 5
+    assert builders.steps_per_call(c) == 5
+    c.eval_every_steps, c.checkpoint_every_steps, c.steps_per_call = 0, 12, 0  # eval off
+    assert builders.steps_per_call(c) == (6 if executor == "spmd" else 1)

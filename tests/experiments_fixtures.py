@@ -36,7 +36,7 @@ def write_text_file(path: str, size: int = 12_000) -> str:
 
 def tiny(c: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.ConfigDict:
     """Test-sized run settings: few steps, no progress bars, train metrics and a
-    checkpoint every step."""
+    checkpoint every step (so one step per executor call)."""
     c.num_train_steps = steps
     c.log_every_steps = 1
     c.optimizer.warmup_steps = 0

@@ -65,6 +65,9 @@ def test_stdlib_lm_family_two_steps(text_file, tmp_path):
     assert summary["test_examples"] == 3
     assert 1 < summary["test"]["perplexity"] < 256 * 2
     assert "aux/0/perplexity" in summary["test"]
+    test = summary["test"]  # bytes as tokens: bits per byte = loss / ln 2
+    assert test["bits_per_byte"] == pytest.approx(test["loss"] / math.log(2))
+    assert test["aux/0/bits_per_byte"] == pytest.approx(test["aux/0/loss"] / math.log(2))
     kinds = [(r["kind"], r["step"]) for r in read_metrics(str(tmp_path / "metrics.jsonl"))]
     assert ("eval", 1) in kinds and ("final", 2) in kinds
 
@@ -222,6 +225,27 @@ def test_spmd_steps_per_call_trains_like_the_simulated_one(text_file, tmp_path):
     assert trainer.train_and_evaluate(c, str(tmp_path / "cut"), stop_after=3)["stopped_at"] == 3
     resumed = trainer.train_and_evaluate(c, str(tmp_path / "cut"))
     assert resumed["test"] == runs["spmd"]["test"]
+
+
+def test_stacked_calls_on_a_data_mesh_and_a_resumed_cut(idx_dir, tmp_path):
+    """Two steps per call of the single-program step on a data=2 mesh (T × B batches,
+    rows split over `data`) train as one step per call; cut after step 3 and resumed,
+    the calls end on even steps again, so the checkpoint at step 4 is written."""
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=2")
+    c.num_train_steps, c.checkpoint_every_steps = 6, 2
+    one = trainer.train_and_evaluate(c, str(tmp_path / "one"))
+    c.data_parallel, c.steps_per_call = 2, 2
+    cut = str(tmp_path / "cut")
+    assert trainer.train_and_evaluate(c, cut, stop_after=3)["stopped_at"] == 3
+    resumed = trainer.train_and_evaluate(c, cut)
+    assert sorted(os.listdir(os.path.join(cut, "checkpoints")), key=int) == ["2", "3", "4", "6"]
+    assert resumed["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-5)
+
+
+def test_call_sizes_end_on_multiples():
+    assert trainer.call_sizes(0, 25, 10) == [10, 10, 5]
+    assert trainer.call_sizes(15, 40, 10) == [5, 10, 10]
+    assert trainer.call_sizes(4, 4, 2) == []
 
 
 @contextlib.contextmanager

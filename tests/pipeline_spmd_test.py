@@ -267,3 +267,53 @@ def test_refuses_what_it_cannot_run():
         with pytest.raises(ValueError, match=message) as error:
             make_executor("spmd", model, "pairwise", OPT)
         assert "mpmd executor" in str(error.value), message
+
+
+# The hot path: donation, data lanes only, cheap branches as `where` ---------------------------
+def _ppermuted_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every array a ppermute sends, anywhere in `jaxpr` (loops, conds, ...)."""
+    shapes = [v.aval.shape for e in jaxpr.eqns if e.primitive.name == "ppermute" for v in e.invars]
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        shapes += _ppermuted_shapes(sub)
+    return shapes
+
+
+def _split(ex, batches):
+    M = ex.M
+    return jax.tree.map(lambda x: x.reshape(x.shape[0], M, x.shape[1] // M, *x.shape[2:]), batches)
+
+
+@pytest.mark.parametrize("spec, sent", [("global", 1), ("3wise", 2), ("pairwise", 1), ("local", 0)])
+def test_only_lanes_that_carry_data_travel(spec, sent, initial):
+    """Per tick, the activation and only the cotangents a stage sends (global: 1 of the
+    K - 1 lanes of its list) go through ppermute; local sends none."""
+    ex = make_executor("spmd", MODEL, spec, OPT)
+    assert ex.clock.send_lanes.shape[1] == sent
+    st = ex.from_train_state(initial)
+    jaxpr = jax.make_jaxpr(ex._step_fn, static_argnums=2)(st, _split(ex, stacked(BATCHES)), False)
+    h = (BATCHES[0]["inputs"].shape[0], CONFIG.max_len, CONFIG.d_model)
+    expected = [h] + ([(sent, *h)] if sent else [])
+    assert sorted(_ppermuted_shapes(jaxpr.jaxpr)) == sorted(expected)
+
+
+def test_steps_donate_the_state_and_an_aux_loss_of_its_own_matches(initial):
+    """`steps` reuses the state's buffers; with an aux loss unlike the final one (picked
+    per stage by `where`), global still matches the single program step for step."""
+
+    def aux_loss(logits, batch):
+        loss, metrics = ilbp.next_token_loss()(logits, batch)
+        return 3.0 * loss + 1.0, metrics
+
+    model = transformer_lm(CONFIG, K, aux_loss=aux_loss)
+    ts = ilbp.init_train_state(model, OPT, jax.random.key(0), BATCHES[0])
+    ref = make_executor("simulated", model, "global", OPT)
+    ex = make_executor("spmd", model, "global", OPT)
+    st = ex.from_train_state(ts)
+    new, metrics = ex.steps(st, stacked(BATCHES[:2]))
+    assert all(x.is_deleted() for x in jax.tree.leaves((st.params, st.opt_state, st.step)))
+    rs = ts
+    for t, batch in enumerate(BATCHES[:2]):
+        rs, ref_metrics = ref.step(rs, batch)
+        for name, want in ref_metrics.items():
+            np.testing.assert_allclose(metrics[name][t], want, rtol=1e-5, err_msg=name)
+    assert_trees_close(ex.to_train_state(new).params, rs.params, 1e-5, 1e-7)

@@ -3,7 +3,7 @@
 import pytest
 
 import ilbp
-from ilbp.strategy import GLOBAL_WINDOW
+from ilbp.strategy import COMBINE_RULES, GLOBAL_WINDOW
 
 
 def test_e2e_plans_the_global_terms_without_aux_heads():
@@ -47,3 +47,32 @@ def test_headless_window_only_needs_to_reach_K():
         ilbp.Strategy(window=3, aux_heads=False).check(4)
     with pytest.raises(ValueError, match="True or False"):
         ilbp.Strategy(window=1, aux_heads=0)
+
+
+def test_window_below_one_is_refused():
+    with pytest.raises(ValueError, match="window n must be an integer ≥ 1"):
+        ilbp.Strategy(0)
+
+
+def test_unknown_combine_rule_is_refused():
+    with pytest.raises(ValueError, match="Unknown combine rule 'max'"):
+        ilbp.Strategy(2, "max")
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        ilbp.Strategy.parse("twowise")
+
+
+def test_plans_for_windows_at_least_K_are_global():
+    for K in range(1, 7):
+        for rule in COMBINE_RULES:
+            assert ilbp.Strategy(K, rule).plan(K) == ilbp.Strategy(K + 3, rule).plan(K)
+        assert ilbp.Strategy(K).plan(K) == ilbp.Strategy.global_().plan(K)
+
+
+def test_routed_sends_only_what_earlier_stages_use():
+    K = 6
+    assert all(p.sends == () for p in ilbp.Strategy.local().plan(K).stages)
+    assert [p.sends for p in ilbp.Strategy.global_().plan(K)][1:] == [(K - 1,)] * (K - 1)
+    pairwise = ilbp.Strategy.pairwise().plan(K)
+    assert [len(p.input_vjps) for p in pairwise][1:-1] == [1] * (K - 2)
+    three = ilbp.Strategy.nwise(3).plan(K)
+    assert max(len(p.sends) for p in three) == 2

@@ -141,16 +141,6 @@ def test_one_optimizer_per_stage():
 
 
 # Bad input: a clear error, raised before anything is compiled. ---------------------------
-def test_window_below_one_is_refused():
-    with pytest.raises(ValueError, match="window n must be an integer ≥ 1"):
-        ilbp.Strategy(0)
-
-
-def test_unknown_combine_rule_is_refused():
-    with pytest.raises(ValueError, match="Unknown combine rule 'max'"):
-        ilbp.Strategy(2, "max")
-    with pytest.raises(ValueError, match="Unknown strategy"):
-        ilbp.Strategy.parse("twowise")
 
 
 def test_wrong_number_of_aux_heads_is_refused():

@@ -127,9 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.executor = "simulated"
     c.microbatches = 1
     c.data_parallel = 1  # devices on the mesh axis `data` (1: no mesh)
-    # spmd: steps per program, overlapped as the strategy allows; the eval and
-    # checkpoint intervals must be multiples of it.
-    c.steps_per_call = 1
+    # Steps per executor call (`steps`): spmd runs them in one program, overlapped as the
+    # strategy allows (one step per call drains its pipeline every step); the others
+    # issue them back to back. The eval and checkpoint intervals must be multiples of it.
+    # 0: spmd the largest T ≤ 10 that divides them, the others 1
+    # (`experiments.lib.builders.steps_per_call`).
+    c.steps_per_call = 0
     # mpmd: the most microbatches whose residuals a stage holds; 0: what the window needs.
     c.max_in_flight = 0
     # Training.
@@ -163,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     # experiments.compare: strategies and seeds to run.
     c.compare = ml_collections.ConfigDict(
-        dict(strategies="global,local,pairwise,3wise", seeds="0,1")
+        dict(strategies="e2e,global,local,pairwise,3wise", seeds="0,1")
     )
     return c
 

@@ -3,27 +3,27 @@
 The embedded LM default: every `.py` file of the CPython standard library that runs
 this command (sysconfig's stdlib directory, site-packages excluded), bytes as tokens;
 about 1/20 of the files (chosen by a hash of their path) are held out as validation.
+Other interpreters' standard libraries give somewhat different numbers.
 Model: 4 pre-LN blocks, d_model 128, 4 heads, context 128, one block per stage (K=4)
 with a LayerNorm + unembedding aux head after each of the first three. AdamW,
-lr 3e-3 with warmup and cosine decay, batch 32.
+lr 3e-3 with 50 warmup steps and cosine decay, weight decay 0.01 on kernels and
+embeddings, per-stage gradient clipping at 1.0, batch 32 windows (4,096 bytes).
 
     python -m experiments.train --config=experiments/configs/stdlib_lm.py:pairwise,k=4 \
         --workdir=runs/stdlib_pairwise
     python -m experiments.compare --config=experiments/configs/stdlib_lm.py
 
-Expected result (the first command, measured once on 2 shared CPU cores with Python
-3.11.7's standard library: 11,809 held-out windows, 8.5 minutes, 0.73 s per step):
+The comparisons behind the README's LM tables (variants below; every strategy under
+the `last` and the `sum` rule; hours on 2 CPU cores, faster with two
+processes sharing the runs through --shard):
 
-    stdlib_lm | pairwise | K=4 | seed 0 | 500 steps | 11809 test examples
-      final head: perplexity 13.4355, accuracy 0.3471, loss 2.5979
-      aux head 0: accuracy 0.3339, loss 2.7322
-      aux head 1: accuracy 0.3467, loss 2.6011
-      aux head 2: accuracy 0.3469, loss 2.6003
+    python -m experiments.compare --config=experiments/configs/stdlib_lm.py:long \
+        --workdir=docs/results/stdlib_lm_k4
+    python -m experiments.compare --config=experiments/configs/stdlib_lm.py:long_deep \
+        --workdir=docs/results/stdlib_lm_k8
 
-(bytes per token; perplexity 13.4 is 3.75 bits per byte after 500 steps of batch 32,
-i.e. 2M tokens: still early in training. Other interpreters' standard libraries give
-somewhat different numbers. The compare command trains 8 such runs: about an hour
-on 2 CPU cores.)
+Why pairwise and 3-wise under the default `last` rule stall on this model, and `sum`
+does not: docs/results/lm_last_rule/README.md.
 """
 
 from __future__ import annotations

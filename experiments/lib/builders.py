@@ -96,10 +96,17 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
 # those where 0 means "off" / "all".
 POSITIVE_FIELDS: tuple[str, ...] = (
     "num_stages", "microbatches", "batch_size", "num_train_steps", "data_parallel",
-    "steps_per_call", "seq_len", "eval_batch_size", "log_every_steps",
-    "checkpoint_every_steps", "max_to_keep",
+    "seq_len", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "max_to_keep",
 )  # fmt: skip
-NON_NEGATIVE_FIELDS: tuple[str, ...] = ("eval_every_steps", "eval_examples", "max_in_flight")
+NON_NEGATIVE_FIELDS: tuple[str, ...] = (
+    "eval_every_steps", "eval_examples", "max_in_flight", "steps_per_call",
+)  # fmt: skip
+
+
+# What happens between executor calls: their intervals are multiples of steps_per_call.
+CALL_CADENCES: tuple[str, ...] = ("eval_every_steps", "checkpoint_every_steps")
+# The most steps per call steps_per_call=0 picks (spmd), and the executors it picks > 1 for.
+AUTO_STEPS_PER_CALL, OVERLAPPING_EXECUTORS = 10, ("spmd",)
 
 
 def _check_counts(config: ml_collections.ConfigDict) -> None:
@@ -134,18 +141,27 @@ def _check_divisible(config: ml_collections.ConfigDict) -> None:
             f"data_parallel={dp}: evaluation batches split evenly over the data devices."
         )
     per_call = int(config.steps_per_call)
-    if per_call > 1 and config.executor != "spmd":
-        raise ValueError(
-            f"config.steps_per_call={per_call} needs executor=spmd, whose steps() overlaps "
-            "steps in one program; mpmd overlaps steps by itself and simulated has no "
-            "pipeline. Set steps_per_call=1."
-        )
-    for name in ("eval_every_steps", "checkpoint_every_steps"):
-        if int(config[name]) % per_call:
+    for name in CALL_CADENCES:
+        if per_call and int(config[name]) % per_call:
             raise ValueError(
                 f"config.{name}={config[name]} is not a multiple of steps_per_call={per_call}; "
-                "evaluations and checkpoints happen between calls."
+                "evaluations and checkpoints happen between calls (steps_per_call=0 picks "
+                "one that divides them)."
             )
+
+
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
+    """config.steps_per_call, or for 0 (the default): for spmd, whose `steps` overlaps
+    steps in one program (one step per call drains its pipeline), the largest T ≤ 10
+    dividing the eval and checkpoint intervals; 1 for simulated and mpmd, whose `steps`
+    are T `step` calls anyway (the trainer keeps steps in flight without stacking T
+    batches per call). Either way the training math is the same."""
+    per_call = int(config.steps_per_call)
+    if per_call or config.executor not in OVERLAPPING_EXECUTORS:
+        return per_call or 1
+    intervals = [int(config[name]) for name in CALL_CADENCES if int(config[name])]
+    fits = lambda t: all(interval % t == 0 for interval in intervals)
+    return max(t for t in range(1, AUTO_STEPS_PER_CALL + 1) if fits(t))
 
 
 def mesh_rows(config: ml_collections.ConfigDict) -> int:

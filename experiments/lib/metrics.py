@@ -78,6 +78,18 @@ def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def with_bits_per_byte(metrics: dict[str, float], token_bytes: float) -> dict[str, float]:
+    """Adds "bits_per_byte" (and "aux/k/bits_per_byte") = loss / (ln 2 · bytes per
+    token) when the data's bytes per token are known (`DatasetInfo.token_bytes` > 0)."""
+    if token_bytes <= 0:
+        return dict(metrics)
+    out = dict(metrics)
+    for name, value in metrics.items():
+        if name == "loss" or name.endswith("/loss"):
+            out[name[: -len("loss")] + "bits_per_byte"] = value / (math.log(2) * token_bytes)
+    return out
+
+
 class Prefix:
     """The first `n` examples of a random-access source (intermediate evaluations)."""
 

@@ -30,7 +30,7 @@ import ml_collections
 from experiments.lib import builders, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
 from experiments.lib.distributed import agreed, is_primary
-from experiments.lib.metrics import METRICS_FILE, read_metrics
+from experiments.lib.metrics import METRICS_FILE, read_metrics, with_bits_per_byte
 from ilbp import costs, data
 from ilbp.strategy import Strategy
 
@@ -475,6 +475,8 @@ def compare(
         summaries.append(summary)
     if count > 1 or not is_primary():
         return None
+    for s in summaries:  # runs finished before bits per byte were recorded
+        s["test"] = with_bits_per_byte(s["test"], train.info.token_bytes)
     predictions = predict_runs(runs)
     target = quality_target(summaries)
     rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))

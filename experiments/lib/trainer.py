@@ -24,6 +24,7 @@ agreed by all (`distributed.agreed`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -47,7 +48,7 @@ from experiments.lib.checkpoints import (
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
 from experiments.lib.distributed import agreed, is_primary
 from experiments.lib.loop import DeviceBatches, NonFiniteWatch, fetch
-from experiments.lib.metrics import MetricWriter, Prefix, evaluate
+from experiments.lib.metrics import MetricWriter, Prefix, evaluate, with_bits_per_byte
 from ilbp import data
 from ilbp.mesh import global_batch, process_batch_shard
 
@@ -139,11 +140,9 @@ class _Loop:
 
     def run(self, state: Any, it: data.BatchIterator, start: int, end: int) -> Any:
         """Trains steps start..end (`it` at step start); returns the state."""
-        per_call, ex = int(self.config.steps_per_call), self.built.executor
-        # `per_call` steps in one call (spmd: overlapped); eval and checkpoint
-        # intervals are multiples of it, so only a stop_after cut is shorter.
-        sizes = [min(per_call, end - s) for s in range(start, end, per_call)]
-        place = batch_placement(self.config, ex)
+        per_call, ex = builders.steps_per_call(self.config), self.built.executor
+        sizes = call_sizes(start, end, per_call)
+        place = batch_placement(self.config, ex, stacked=per_call > 1)
         feed = DeviceBatches(it, sizes, place, stack=per_call > 1)
         self._mark, self.end = (time.perf_counter(), start, False), end
         step = start
@@ -245,17 +244,27 @@ def checkpointed_state(
     return ex.to_train_state(state) if ts is None else ts
 
 
-def batch_placement(config: ml_collections.ConfigDict, ex: Any) -> Callable[[Any], Any]:
-    """How a host batch is placed before the executor's call, on the feeding thread:
-    onto the single-program step's devices (this process's rows of the global batch
-    on its data mesh, see `train_shard`); mpmd and spmd place each microbatch on its
-    stage's devices themselves, from the whole host batch."""
+def call_sizes(start: int, end: int, per_call: int) -> list[int]:
+    """The steps of each executor call from step `start` to `end`: calls end on
+    multiples of `per_call` (where evaluations and checkpoints fall), so a run resumed
+    from a stop_after cut between them first completes the cut call."""
+    edges = [start, *range((start // per_call + 1) * per_call, end, per_call), end]
+    return [b - a for a, b in itertools.pairwise(edges) if b > a]
+
+
+def batch_placement(
+    config: ml_collections.ConfigDict, ex: Any, *, stacked: bool = False
+) -> Callable[[Any], Any]:
+    """How a host batch (T × B × ... if `stacked`) is placed before the executor's call,
+    on the feeding thread: onto the single-program step's devices (this process's rows
+    of the global batch on its data mesh, see `train_shard`); mpmd and spmd place each
+    microbatch on its stage's devices themselves, from the whole host batch."""
     if config.executor != "simulated":
         return lambda batch: batch
     mesh = ex.mesh
     if mesh is None:
         return jax.device_put
-    return lambda batch: global_batch(batch, mesh)
+    return lambda batch: global_batch(batch, mesh, stacked=stacked)
 
 
 def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int]:
@@ -347,6 +356,7 @@ def train_and_evaluate(
             built.eval_step, ex.to_train_state(state), final_src, int(config.eval_batch_size),
             mesh=built.mesh, desc="final eval", progress=not bar.disable, text=text,
         )  # fmt: skip
+        final = with_bits_per_byte(final, info.token_bytes)
         writer.write("eval", T, final)
         writer.write("final", T, final)
     finally:
@@ -435,7 +445,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['steps']} steps | {summary['test_examples']} test examples",
         f"  final head: {metric} {test[metric]:.4f}"
         + (f", accuracy {test['accuracy']:.4f}" if metric != "accuracy" else "")
-        + f", loss {test['loss']:.4f}",
+        + f", loss {test['loss']:.4f}"
+        + (f", {test['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in test else ""),
     ]
     for k in range(K - 1):
         lines.append(

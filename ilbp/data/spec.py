@@ -58,6 +58,8 @@ class DatasetInfo:
       example_shape: shape of one example's "inputs".
       default_augment: augmentation the dataset is usually trained with (see
         `ilbp.data.augment.get_augment`), or None.
+      token_bytes: bytes of text per token (1.0 for byte-level text), for bits per
+        byte; 0.0 where unknown (images, subword tokenizers).
     """
 
     kind: Literal["image", "text"]
@@ -65,6 +67,7 @@ class DatasetInfo:
     num_classes: int = 0
     vocab_size: int = 0
     default_augment: str | None = None
+    token_bytes: float = 0.0
 
 
 def stdlib_dir() -> str:

@@ -155,7 +155,12 @@ class TextWindows:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.tokens = tokens
         self.seq_len = seq_len
-        self.info = DatasetInfo(kind="text", example_shape=(seq_len,), vocab_size=vocab_size)
+        self.info = DatasetInfo(
+            kind="text",
+            example_shape=(seq_len,),
+            vocab_size=vocab_size,
+            token_bytes=1.0 if vocab_size == BYTE_VOCAB else 0.0,
+        )
         if len(self) == 0:
             raise ValueError(f"{len(tokens)} tokens are too few for one window of {seq_len + 1}")
 

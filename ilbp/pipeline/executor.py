@@ -5,7 +5,9 @@ An executor runs training steps of one (model, strategy, optimizer) on some devi
     ex = make_executor("mpmd", model, strategy, optimizer, microbatches=4)
     state = ex.init(rng, batch)
     state, metrics = ex.step(state, batch)
-    ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval)
+    state, metrics = ex.steps(state, batches)   # T steps, batches stacked T × B × ...
+    ts = ex.to_train_state(state)        # single-program TrainState (checkpoints, eval;
+                                         # mpmd, spmd: on the host, each stage fetched)
     state = ex.from_train_state(ts)      # and back
 
 Kinds (docs/design.md §3):
@@ -17,7 +19,10 @@ Kinds (docs/design.md §3):
                `shard_map` program (`ilbp.pipeline.spmd`): the Transformer's blocks.
 
 All three compute what the single-program step computes: the same parameters after any
-number of steps, up to float reassociation.
+number of steps, up to float reassociation. `steps` runs T steps in one call: "spmd" in
+one program that overlaps them (a `step` drains its pipeline), the others as T `step`
+calls issued back to back (their steps overlap anyway). Steps donate the state they are
+given where the executor can (mpmd, spmd): use the returned state.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ilbp.pipeline.spmd import SPMDExecutor
 from ilbp.schedule import MaxInFlight
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
-from ilbp.train import Optimizer, TrainState, init_train_state, make_train_step
+from ilbp.train import Optimizer, TrainState, init_train_state, make_train_step, run_steps
 
 EXECUTORS: tuple[str, ...] = ("simulated", "mpmd", "spmd")
 
@@ -45,6 +50,8 @@ class Executor(Protocol):
     def init(self, rng: jax.Array, batch: Batch) -> Any: ...
 
     def step(self, state: Any, batch: Batch) -> tuple[Any, Metrics]: ...
+
+    def steps(self, state: Any, batches: Batch) -> tuple[Any, Metrics]: ...
 
     def to_train_state(self, state: Any) -> TrainState: ...
 
@@ -74,6 +81,9 @@ class SimulatedExecutor:
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return self._step(state, batch)
+
+    def steps(self, state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
+        return run_steps(self._step, state, batches)
 
     def to_train_state(self, state: TrainState) -> TrainState:
         return state

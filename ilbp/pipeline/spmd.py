@@ -23,7 +23,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from ilbp.checks import check_batch_split, check_microbatches, check_stage_devices
+from ilbp.checks import (
+    check_batch_split,
+    check_microbatches,
+    check_stacked,
+    check_stage_devices,
+)
 from ilbp.engine import Metrics, loss_metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh
 from ilbp.pipeline.homogeneous import check_homogeneous
@@ -129,7 +134,8 @@ class SPMDExecutor:
         self.period = self.clock.period  # P: ticks per step per stage
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, P())
-        self._step = jax.jit(self._step_fn, static_argnames="squeeze")
+        # The state is donated: the program updates parameters and optimizer state in place.
+        self._step = jax.jit(self._step_fn, static_argnames="squeeze", donate_argnums=0)
         self._restack = jax.jit(self._stacked_layout, out_shardings=(self.stacked,) * 2)
         self._to_devices: dict[bool, Any] = {}
 
@@ -241,7 +247,7 @@ class SPMDExecutor:
         return self.clock.ticks(num_steps)
 
     def step(self, st: SPMDState, batch: Batch) -> tuple[SPMDState, Metrics]:
-        """One step (the pipeline drains at its end)."""
+        """One step (the pipeline drains at its end); donates `st`, as `steps` does."""
         return self._run(st, jax.tree.map(lambda x: x[None], batch), squeeze=True)
 
     def steps(self, st: SPMDState, batches: Batch) -> tuple[SPMDState, Metrics]:
@@ -249,11 +255,10 @@ class SPMDExecutor:
 
         `batches`: every leaf T × B × ...: batch t is step t's. Returns the state after
         the T steps and metrics whose values have a leading axis of T. The result is
-        that of T `step` calls (one update per step); only the schedule differs.
+        that of T `step` calls (one update per step); only the schedule differs. `st` is
+        donated (its buffers hold the new state): use the returned state afterwards.
         """
-        leaves = jax.tree.leaves(batches)
-        if not leaves or any(np.ndim(x) < 2 for x in leaves):
-            raise ValueError("steps() takes batches stacked T × B × ...: one batch per step.")
+        check_stacked(batches)
         return self._run(st, batches, squeeze=False)
 
     def _run(self, st: SPMDState, batches: Batch, squeeze: bool) -> tuple[SPMDState, Metrics]:

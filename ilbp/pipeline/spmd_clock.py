@@ -14,15 +14,16 @@ n_ = min(n, K), at its local tick u = τ - k = s·P + q (step s, phase q) stage 
   3. holds the list [∂L_{k+i}/∂h_k, i = 0..n_-1]: lane i (i ≥ 1, received from stage
      k + 1) belongs to microbatch q - 2i of step s; lanes are buffered per microbatch;
   4. takes the input VJPs of the lanes i whose loss k + i it must send back
-     (`plan[k].sends`; vmapped, each with its microbatch's residuals) and sends them
-     left as lanes i + 1 of a NaN-filled list of n_ - 1 (`ppermute`);
+     (`plan[k].sends`; vmapped, each with its microbatch's residuals) and sends only
+     them left (`ppermute`), where they become lanes i + 1 of a NaN-filled list of n_ - 1;
   5. takes one parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)
      (its last lane arrives this tick), and accumulates the gradient;
   6. at q = M - 1 + 2 i*(k), after its last parameter VJP of step s, updates its own
      slot (gradient mean over M microbatches, each counted by its tokens on padded
      batches as in `ilbp.train.accumulate_grads`; one update per step), so that its
      forwards of step s + 1, from q = 0 of the next period, use θ_k after step s;
-  7. sends h_k right (`ppermute`).
+  7. sends h_k right (`ppermute`), issued right after step 1 so that the transfer
+     overlaps steps 2-6.
 
 Steps overlap: stage k starts step s + 1 while the stages after it still finish step s,
 which interlocking allows and global does not (its P = M + 2(K - 1) is the drained
@@ -31,8 +32,12 @@ needs 3 ticks per step against global's 2K - 1. `step` is `steps` with T = 1 (dr
 Bubbles (microbatch outside [0, M), lanes whose loss j > K - 1, ticks before a stage's
 first step or after its last) are skipped on their device (`lax.cond`) and yield NaN,
 which is masked with `where`, never multiplied by 0, so a leak into real values fails
-the equality tests. A stage computes only the input VJPs its plan sends (global: one
-per tick, though its list has K - 1 lanes, mostly NaN).
+the equality tests. `lax.cond` guards only work that costs: the forward, the head, the
+input VJPs, the parameter VJP and the update (which reads and writes every parameter
+and optimizer state; it runs once per step, not per tick); choices between values that
+are cheap to compute (the masks, the aux or final loss on a head's logits) are `where`.
+A stage computes and sends only the input VJPs its plan sends (global: one per tick,
+though its list has K - 1 lanes, mostly NaN).
 """
 
 from __future__ import annotations
@@ -266,14 +271,10 @@ class _Stage:
         model, K = self.model, self.clock.num_stages
         logits = self.hom.head(p_head, h)
         aux_loss = model.head_loss(0)  # the aux heads' loss
-        if aux_loss is model.loss:
-            loss, m = model.loss(logits, batch)
-        else:
-            loss, m = jax.lax.cond(
-                self.k == K - 1,
-                lambda: model.loss(logits, batch),
-                lambda: aux_loss(logits, batch),
-            )
+        loss, m = model.loss(logits, batch)
+        if aux_loss is not model.loss:  # both are cheap next to the head: no branch
+            pick = lambda final, aux: jnp.where(self.k == K - 1, final, aux)
+            loss, m = jax.tree.map(pick, (loss, m), aux_loss(logits, batch))
         return self.weight * loss, (loss, m)
 
     def norm(self, tree: Params) -> jax.Array:
@@ -393,25 +394,24 @@ def _cotangent_list(st: _Stage, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carr
 
 
 def _send_input_vjps(st: _Stage, c: Carry, lanes: _Lanes) -> Carry:
-    """4. Input VJPs of the lanes the plan sends back, sent left as lanes i + 1."""
-    clock = st.clock
-    if clock.lanes == 1:
+    """4. Input VJPs of the lanes the plan sends back, sent left as lanes i + 1: only
+    the `send_lanes` rows travel; the receiver puts them at their lanes (NaN elsewhere)."""
+    clock, K = st.clock, st.clock.num_stages
+    width = clock.send_lanes.shape[1]
+    if clock.lanes == 1 or not width:  # no stage ever sends: cot_in stays NaN
         return c
-    if clock.send_lanes.shape[1]:
-        send = jnp.asarray(clock.send_lanes)[st.k]
-        dx = jax.lax.cond(
-            jnp.any(lanes.valid[send]),
-            lambda: jax.vmap(lambda s, g: st.vjp(c.res, s, g)[1])(
-                lanes.slot[send], lanes.cot[send]
-            ),
-            lambda: jnp.full((len(clock.send_lanes[0]), *st.h.shape), jnp.nan, st.h.dtype),
-        )
-        # Padding lanes (n_ - 1) fall off the end of the list and are dropped.
-        sent = jnp.full_like(c.cot_in, jnp.nan).at[send].set(dx, mode="drop")
-    else:
-        sent = jnp.full_like(c.cot_in, jnp.nan)
-    perm = [(j + 1, j) for j in range(clock.num_stages - 1)]
-    return c.replace(cot_in=jax.lax.ppermute(sent, STAGE_AXIS, perm))
+    send_lanes = jnp.asarray(clock.send_lanes)
+    send = send_lanes[st.k]
+    dx = jax.lax.cond(
+        jnp.any(lanes.valid[send]),
+        lambda: jax.vmap(lambda s, g: st.vjp(c.res, s, g)[1])(lanes.slot[send], lanes.cot[send]),
+        lambda: _nan_like(st.h, width),
+    )
+    received = jax.lax.ppermute(dx, STAGE_AXIS, [(j + 1, j) for j in range(K - 1)])
+    # Stage k + 1's lane i is lane i + 1 here; padding lanes (n_ - 1) fall off the end.
+    # (The last stage receives nothing: its lanes i ≥ 1 are masked as losses past K.)
+    here = send_lanes[jnp.minimum(st.k + 1, K - 1)]
+    return c.replace(cot_in=_nan_like(c.cot_in).at[here].set(received, mode="drop"))
 
 
 def _parameter_vjp(st: _Stage, c: Carry, t: _Tick) -> Carry:
@@ -461,14 +461,15 @@ def _tick(st: _Stage, tau: jax.Array, c: Carry) -> Carry:
     """One clock tick of stage k: steps 1-7 of the module docstring."""
     t = _Tick.of(st, tau)
     c, h = _forward_step(st, c, t)
+    # 7. activations right, issued as soon as h exists: the transfer overlaps steps 2-6.
+    K = st.clock.num_stages
+    x_next = jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)])
     c, dh = _head_step(st, c, t, h)
     c, lanes = _cotangent_list(st, c, t, dh)
     c = _send_input_vjps(st, c, lanes)
     c = _parameter_vjp(st, c, t)
     c = _update_at_step_end(st, c, t)
-    # 7. activations right
-    K = st.clock.num_stages
-    return c.replace(x_in=jax.lax.ppermute(h, STAGE_AXIS, [(j, j + 1) for j in range(K - 1)]))
+    return c.replace(x_in=x_next)
 
 
 def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:

@@ -113,7 +113,9 @@ def record_timeline(
 ) -> tuple[MPMDState, list[MeasuredOp]]:
     """Runs `steps` traced steps on `batch`; returns the new state and the timeline.
 
-    The state is what as many untraced `executor.step` calls return. `switch_interval`
+    The state is what as many untraced `executor.step` calls return. Traced steps run
+    the executor's ops without donation (the watchers wait on every output), compiled
+    on their first use: record a step before the one you measure. `switch_interval`
     (seconds) is the interpreter's thread switch interval while recording, so that a
     watcher woken by a completion gets the GIL soon; the old value is restored.
     """
