@@ -166,12 +166,12 @@ def check_training(root: str, idx_dir: str) -> None:
     check_compare(root, idx_dir)
     place, placed = trainer.batch_placement, []
 
-    def poisoned(config, ex):
+    def poisoned(config, ex, **kw):  # one step per call: batch 3 is the third placed
         def put(batch):
             placed.append(None)
             if len(placed) == 3 and jax.process_index() == 1:
                 batch = {**batch, "inputs": batch["inputs"] * np.float32("nan")}
-            return place(config, ex)(batch)
+            return place(config, ex, **kw)(batch)
 
         return put
 
