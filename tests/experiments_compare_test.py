@@ -39,6 +39,11 @@ def test_compare_writes_results(idx_dir, tmp_path):
     assert "| global |" in table and "Ranking by mean test accuracy" in table
     files = set(os.listdir(tmp_path))
     assert {"results.md", "results.csv", "runs.csv", "test_accuracy.png"} <= files
+    with open(tmp_path / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    finals = [r for r in curves if r["kind"] == "final"]
+    assert len(finals) == 4 and all(r["step"] == finals[0]["step"] for r in finals)
+    assert {"strategy", "seed", "step", "accuracy", "aux/0/accuracy"} <= set(curves[0])
     assert "quality_vs_time.png" in files
     assert sorted(os.listdir(tmp_path / "pairwise")) == ["seed0", "seed1"]
     with open(tmp_path / "results.md") as f:

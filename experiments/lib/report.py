@@ -3,7 +3,8 @@
 Run r of strategy s and seed i trains in WORKDIR/<s>/seed<i> (so an interrupted
 comparison resumes run by run). Outputs in WORKDIR:
   results.md   per-strategy table (mean ± sample std over seeds) and per-run table
-  results.csv  the per-strategy table; runs.csv the per-run numbers
+  results.csv  the per-strategy table; runs.csv the per-run numbers; curves.csv every
+               run's evaluations by step
   test_<metric>.png  the test metric against step, one colour per strategy
   quality_vs_time.png  the quality metric against predicted wall-clock on K devices
   command.txt  the command that produced them (when `compare` is given it)
@@ -375,10 +376,28 @@ def render_markdown(
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """`rows` as CSV; the columns are every key of any row, in first-seen order."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+
+
+def curve_rows(summaries: list[dict]) -> list[dict]:
+    """Every run's evaluations, in step order: kind "eval" (the config's eval_examples)
+    and, at the last step, kind "final" (final_eval_examples); the train records stay
+    in each run's metrics.jsonl."""
+    rows = []
+    for s in summaries:
+        records = read_metrics(os.path.join(s["workdir"], METRICS_FILE))
+        final_step = max(r["step"] for r in records)
+        for r in records:
+            if r["kind"] == "final" or (r["kind"] == "eval" and r["step"] < final_step):
+                values = {k: v for k, v in r.items() if k not in ("kind", "step", "time")}
+                rows.append({"strategy": s["strategy"], "seed": s["seed"], "step": r["step"],
+                             "kind": r["kind"], **values})  # fmt: skip
+    return rows
 
 
 def plot(path: str, summaries: list[dict], metric: str) -> None:
@@ -506,6 +525,7 @@ def write_report(
         for s in summaries
     ]
     write_csv(os.path.join(workdir, "runs.csv"), per_run)
+    write_csv(os.path.join(workdir, "curves.csv"), curve_rows(summaries))
     metric = summaries[0]["metric"]
     plot(os.path.join(workdir, f"test_{metric}.png"), summaries, metric)
     plot_quality_vs_time(
