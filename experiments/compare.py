@@ -10,6 +10,7 @@ runs.csv and a plot of the test metric against step to WORKDIR (default
 runs/compare/<config name>) and prints the per-strategy table. With --shard=i/n it
 trains only its share of the runs, so n processes (or machines sharing WORKDIR) train
 one comparison; the same command without --shard then writes the report.
+--finished_only reports the runs finished so far and trains nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ _SHARD = flags.DEFINE_string(
     "i/n: train only every n-th run starting at run i and write no report, so n "
     "processes can share a comparison; then run without --shard to report.",
 )
+_FINISHED_ONLY = flags.DEFINE_bool(
+    "finished_only",
+    False,
+    "Train nothing: report the runs that have finished and list the others.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -60,7 +66,7 @@ def main(argv: list[str]) -> None:
         distributed.initialize_from_flags()  # before any other JAX call
         shard = parse_shard(_SHARD.value)
         command = shlex.join(["python", "-m", "experiments.compare", *sys.argv[1:]])
-        result = compare(config, workdir, command, shard)
+        result = compare(config, workdir, command, shard, _FINISHED_ONLY.value)
     except (ExperimentError, DataMissingError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not distributed.is_primary():

@@ -170,3 +170,14 @@ def test_sharded_compare_trains_each_run_once_then_reports(idx_dir, tmp_path):
     assert fx.tree_digest(str(tmp_path / "pairwise")) == before  # read back, not retrained
     with pytest.raises(ValueError, match="shard 2/2"):
         report.compare(c, str(tmp_path), shard=(2, 2))
+
+
+def test_finished_only_reports_what_has_finished_and_trains_nothing(idx_dir, tmp_path):
+    c = _config(idx_dir)
+    report.compare(c, str(tmp_path), shard=(0, 2))  # runs 0 and 2: global seeds 0 and 1
+    before = fx.tree_digest(str(tmp_path / "global"))
+    table, rows = report.compare(c, str(tmp_path), finished_only=True)
+    assert [(r["strategy"], r["seeds"]) for r in rows] == [("global", 2)]
+    assert "Not yet finished, so not in this report: pairwise seed 0, pairwise seed 1." in table
+    assert not os.path.exists(tmp_path / "pairwise")
+    assert fx.tree_digest(str(tmp_path / "global")) == before

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 from typing import Any
@@ -465,6 +466,7 @@ def compare(
     workdir: str,
     command: str | None = None,
     shard: tuple[int, int] = (0, 1),
+    finished_only: bool = False,
 ) -> tuple[str, list[dict]] | None:
     """Trains every (strategy, seed) of `config.compare` and writes the report.
 
@@ -473,6 +475,9 @@ def compare(
     order) and writes no report: n such processes train a
     comparison in parallel, and a run without `shard` then reports (finished runs are
     read back, not trained again).
+    `finished_only` trains nothing: the report covers the runs that have finished
+    (summary.json at num_train_steps) and lists the others as not yet finished, e.g.
+    while shards still train a long comparison.
     In a multi-process job every process trains the same runs (each a multi-process
     run), and process 0 alone prints and writes the report.
     Returns (the per-strategy markdown table, the per-strategy rows), or None for a shard
@@ -486,22 +491,44 @@ def compare(
     builders.check_data(runs[0], train)
     workdir = prepare_workdir(workdir)
     preflight(runs, workdir, train.info)
-    summaries = []
+    summaries, unfinished = [], []
     for c in runs[index::count]:
+        if finished_only:
+            summary = _finished(c, run_dir(workdir, c))
+            if summary is None:
+                unfinished.append(f"{builders.build_strategy(c).name} seed {c.seed}")
+                continue
+            summaries.append(summary)
+            continue
         summary = trainer.train_and_evaluate(c, run_dir(workdir, c))
         if is_primary():
             print(trainer.format_summary(summary), flush=True)
         summaries.append(summary)
     if count > 1 or not is_primary():
         return None
+    if not summaries:
+        raise ValueError(f"No run of this comparison has finished in {workdir} yet.")
     for s in summaries:  # runs finished before bits per byte were recorded
         s["test"] = with_bits_per_byte(s["test"], train.info.token_bytes)
     predictions = predict_runs(runs)
     target = quality_target(summaries)
     rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))
     table, markdown = render_markdown(rows, summaries, config, target)
+    if unfinished:
+        note = f"Not yet finished, so not in this report: {', '.join(unfinished)}."
+        table, markdown = f"{table}\n\n{note}", f"{markdown.rstrip()}\n\n{note}\n"
     write_report(workdir, markdown, rows, summaries, predictions, target, command)
     return table, rows
+
+
+def _finished(c: ml_collections.ConfigDict, directory: str) -> dict[str, Any] | None:
+    """The run's summary if it trained all of num_train_steps, else None."""
+    path = os.path.join(directory, trainer.SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("steps") == int(c.num_train_steps) else None
 
 
 def write_report(
