@@ -86,13 +86,14 @@ def make_config(
 
 def bare_step_time(config: ml_collections.ConfigDict, log_every: int) -> float:
     """Median seconds per step of the bare executor loop, in blocks of `log_every`."""
-    from experiments.lib import builders
+    from experiments.configs import validation
+    from experiments.lib import builders, datasets
     from ilbp import data
 
-    src = builders.build_data(config, "train")
+    src = datasets.build_data(config, "train")
     built = builders.build(config, src.info)
     it = data.batches(src, int(config.batch_size), seed=int(config.seed))
-    T, ex = builders.steps_per_call(config), built.executor
+    T, ex = validation.steps_per_call(config), built.executor
     batches = [it.batch_at(s) for s in range(int(config.num_train_steps))]
     state = builders.initial_state(built, config, batches[0])
     calls = [batches[s : s + T] for s in range(0, len(batches) - T + 1, T)]  # whole calls
@@ -125,7 +126,7 @@ def trainer_step_time(config: ml_collections.ConfigDict) -> float:
 def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float]]]:
     """(executor, bare s/step of each repeat, trainer s/step of each repeat); a repeat
     times the bare loop and then the trainer, one after the other."""
-    from experiments.lib import builders
+    from experiments.configs import validation
 
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -136,7 +137,7 @@ def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float
             for _ in range(args.repeats):
                 bare.append(bare_step_time(config, args.log_every))
                 loop.append(trainer_step_time(config))
-            per_call = builders.steps_per_call(config)
+            per_call = validation.steps_per_call(config)
             rows.append(
                 (f"{executor} ({per_call} steps/call)" if per_call > 1 else executor, bare, loop)
             )

@@ -39,7 +39,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ilbp
-from experiments.lib import builders
+from experiments.lib import builders, datasets, optim
 from experiments.lib.checkpoints import Checkpoints
 from ilbp import data
 
@@ -82,13 +82,13 @@ def probe_run(runs_dir: str, name: str, out) -> None:
     steps = {int(s) for s in only.split(",") if s}
     workdir = os.path.join(runs_dir, name)
     config = load_config(workdir)
-    train_src = builders.build_data(config, "train")
+    train_src = datasets.build_data(config, "train")
     built = builders.build(config, train_src.info)
     model, K = built.model, built.model.num_stages
     batch = data.batches(train_src, PROBE_BATCH, seed=PROBE_SEED).batch_at(0)
     batch = jax.tree.map(jnp.asarray, batch)
     template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
-    tx = builders.build_optimizer(config)
+    tx = optim.build_optimizer(config)
     per_window = {
         n: jax.jit(lambda p, s, b, n=n: ilbp.grads(model, ilbp.Strategy(n), p, s, b)[0])
         for n in range(1, K + 1)
@@ -171,7 +171,7 @@ def final_eval(runs_dir: str, name: str, examples: int) -> None:
 
     workdir = os.path.join(runs_dir, name)
     config = load_config(workdir)
-    train_src, test_src = (builders.build_data(config, split) for split in ("train", "test"))
+    train_src, test_src = (datasets.build_data(config, split) for split in ("train", "test"))
     built = builders.build(config, train_src.info)
     batch = jax.tree.map(jnp.asarray, data.batches(train_src, 8, seed=0).batch_at(0))
     template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
@@ -189,7 +189,7 @@ def leaf_norms(runs_dir: str, spec: str, out) -> None:
     name, _, only = spec.partition("@")
     workdir = os.path.join(runs_dir, name)
     config = load_config(workdir)
-    train_src = builders.build_data(config, "train")
+    train_src = datasets.build_data(config, "train")
     built = builders.build(config, train_src.info)
     batch = jax.tree.map(jnp.asarray, data.batches(train_src, 8, seed=0).batch_at(0))
     template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))

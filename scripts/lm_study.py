@@ -298,11 +298,11 @@ def unigram_loss(runs_dir: str, name: str = "global", windows: int = 4000) -> fl
     sys.path.insert(0, ROOT)
     import ml_collections
 
-    from experiments.lib import builders
+    from experiments.lib import datasets
 
     with open(os.path.join(runs_dir, name, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    src = builders.build_data(config, "train")
+    src = datasets.build_data(config, "train")
     idx = np.random.default_rng(0).choice(len(src), min(windows, len(src)), replace=False)
     counts = np.zeros(src.info.vocab_size)
     for i in idx:

@@ -9,7 +9,7 @@ import os
 import ml_collections
 import pytest
 
-from experiments.lib import builders, checkpoints, report
+from experiments.lib import checkpoints, models, report
 from ilbp import costs
 from tests import experiments_fixtures as fx
 
@@ -129,7 +129,7 @@ def test_compare_keeps_the_config_rule_unless_the_name_has_one(idx_dir):
     c = _config(idx_dir, "k=3,combine=sum")
     c.compare.strategies, c.compare.seeds = "pairwise,nwise=3:mean,global:last", "0"
     runs = report.run_configs(c)
-    names = [builders.build_strategy(r).name for r in runs]
+    names = [models.build_strategy(r).name for r in runs]
     assert names == ["pairwise:sum", "3wise:mean", "global"]
     dirs = [os.path.relpath(report.run_dir("w", r), "w") for r in runs]
     assert dirs == ["pairwise_sum/seed0", "3wise_mean/seed0", "global/seed0"]
@@ -140,7 +140,7 @@ def test_compare_runs_e2e_beside_a_rule_and_aux_weight_it_has_no_use_for(idx_dir
     c.aux_weight = 0.5
     c.compare.strategies, c.compare.seeds = "e2e,pairwise", "0"
     runs = report.run_configs(c)
-    assert [builders.build_strategy(r).name for r in runs] == ["e2e", "pairwise:sum"]
+    assert [models.build_strategy(r).name for r in runs] == ["e2e", "pairwise:sum"]
     dirs = [os.path.relpath(report.run_dir("w", r), "w") for r in runs]
     assert dirs == ["e2e/seed0", "pairwise_sum_aux0.5/seed0"]
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from experiments.configs import common
-from experiments.lib import builders
+from experiments.configs import common, validation
+from experiments.lib import models, optim
 from ilbp import data
 
 CONFIGS = (
@@ -27,15 +27,15 @@ CONFIGS = (
 def test_every_config_loads_validates_and_documents_its_command(name):
     module = importlib.import_module(f"experiments.configs.{name}")
     c = module.get_config()
-    builders.validate(c)
+    validation.validate(c)
     assert c.name == name and c.executor == "simulated" and c.microbatches == 1
     assert f"--config=experiments/configs/{name}.py" in module.__doc__
     # What it should give: measured (its result directory) or expected (typed).
     assert "docs/results/" in module.__doc__ or "Expected result" in module.__doc__
     variant = module.get_config("nwise=3,k=2,combine=sum")
     assert (variant.strategy, variant.num_stages, variant.combine) == ("nwise=3", 2, "sum")
-    assert builders.build_strategy(variant).name == "3wise:sum"
-    assert builders.build_strategy(module.get_config("pairwise:sum")).name == "pairwise:sum"
+    assert models.build_strategy(variant).name == "3wise:sum"
+    assert models.build_strategy(module.get_config("pairwise:sum")).name == "pairwise:sum"
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def config_with(arg: str, overrides: dict):
 def test_validate_catches_bad_overrides(arg, overrides, match):
     c = config_with(arg, overrides)
     with pytest.raises(ValueError, match=match):
-        builders.validate(c)
+        validation.validate(c)
 
 
 def test_work_balance_cuts_per_strategy():
@@ -161,9 +161,9 @@ def test_work_balance_cuts_per_strategy():
     for spec in ("global", "pairwise"):
         c = fashion_mnist_resnet.get_config(f"{spec},k=4")
         c.model.balance = "work"
-        cuts[spec] = [stage.name for stage in builders.build_model(c, info).stages]
+        cuts[spec] = [stage.name for stage in models.build_model(c, info).stages]
     c = fashion_mnist_resnet.get_config("pairwise,k=4")
-    flops = [stage.name for stage in builders.build_model(c, info).stages]
+    flops = [stage.name for stage in models.build_model(c, info).stages]
     assert cuts["global"] == flops != cuts["pairwise"]
 
 
@@ -188,7 +188,7 @@ def test_weight_decay_spares_biases_and_norm_scales(optimizer):
     tokens = jnp.zeros((2, 8), jnp.int32)
     shapes, _ = jax.eval_shape(transformer_lm(lm, 2).init, jax.random.key(0), tokens)
     params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
-    opt = builders.build_optimizer(c)
+    opt = optim.build_optimizer(c)
 
     @jax.jit
     def decay(params):  # the update of a zero gradient: weight decay alone
@@ -291,7 +291,7 @@ def test_validate_catches_bad_lm_model_options(field, value):
     c = stdlib_lm.get_config("pairwise,k=4")
     c.model[field] = value
     with pytest.raises(ValueError, match=rf"Unknown config\.model\.{field} '{value}'"):
-        builders.validate(c)
+        validation.validate(c)
 
 
 def test_lm_model_options_reach_the_model():
@@ -302,7 +302,7 @@ def test_lm_model_options_reach_the_model():
     info = data.DatasetInfo(kind="text", vocab_size=17, example_shape=(8,))
     c = stdlib_lm.get_config("pairwise,k=4")
     c.model.update(aux_head="unembed", dtype="bfloat16")
-    model = builders.build_model(c, info)
+    model = models.build_model(c, info)
     x = jax.ShapeDtypeStruct((2, 8), jax.numpy.int32)
     params, _ = jax.eval_shape(model.init, jax.random.key(0), x)
     assert set(params[0]["head"]) == {"unembed"}
@@ -330,16 +330,16 @@ def test_default_steps_per_call_fits_every_config_and_variant(executor):
     from experiments.configs import fashion_mnist_resnet, stdlib_lm
 
     for name in CONFIGS:
-        builders.validate(importlib.import_module(f"experiments.configs.{name}").get_config())
+        validation.validate(importlib.import_module(f"experiments.configs.{name}").get_config())
     expected = {"simulated": (1, 1), "mpmd": (1, 1), "spmd": (7, 10)}[executor]
     for module, variant, per_call in zip(
         (fashion_mnist_resnet, stdlib_lm), ("long", "long_deep"), expected, strict=True
     ):
         c = module.get_config(f"{variant},executor={executor}")
         assert c.steps_per_call == 0
-        builders.validate(c)
-        assert builders.steps_per_call(c) == per_call
+        validation.validate(c)
+        assert validation.steps_per_call(c) == per_call
     c.steps_per_call = 5
-    assert builders.steps_per_call(c) == 5
+    assert validation.steps_per_call(c) == 5
     c.eval_every_steps, c.checkpoint_every_steps, c.steps_per_call = 0, 12, 0  # eval off
-    assert builders.steps_per_call(c) == (6 if executor == "spmd" else 1)
+    assert validation.steps_per_call(c) == (6 if executor == "spmd" else 1)

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import cifar10_resnet, cifar100_resnet, imagenet_resnet50, lm1b_transformer
-from experiments.lib import builders, trainer
+from experiments.lib import builders, datasets, trainer
 from experiments.lib.metrics import read_metrics
 from tests import experiments_fixtures as fx
 
@@ -142,7 +142,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(idx_dir, tmp_path):
 
 def test_nonfinite_loss_stops_naming_step_and_stage(idx_dir, tmp_path, monkeypatch):
     c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")  # shares the programs above
-    executor = builders.build(c, builders.build_data(c, "train").info).executor
+    executor = builders.build(c, datasets.build_data(c, "train").info).executor
     step, calls = executor.step, []
 
     def poisoned(state, batch):
@@ -200,7 +200,7 @@ def test_mpmd_executor_trains_like_the_simulated_one(idx_dir, tmp_path):
         run = trainer.train_and_evaluate(c, str(tmp_path / f"{kind}{data_parallel}"))
         tests[kind, data_parallel] = run["test"]["loss"]
     simulated = tests["simulated", 1]
-    info = builders.build_data(c, "train").info
+    info = datasets.build_data(c, "train").info
     assert builders.build(c, info).executor.max_in_flight == 1
     assert tests["mpmd", 1] == pytest.approx(simulated, rel=1e-5)
     assert tests["mpmd", 2] == pytest.approx(simulated, rel=1e-5)
@@ -291,7 +291,7 @@ def test_steady_state_syncs_only_at_log_steps(idx_dir, tmp_path, kind, monkeypat
 
     c = fx.tiny_image_config(f"idx:{idx_dir}", f"pairwise,k=2,executor={kind}")
     c.num_train_steps, c.log_every_steps, c.checkpoint_every_steps = 12, 4, 12
-    executor = builders.build(c, builders.build_data(c, "train").info).executor
+    executor = builders.build(c, datasets.build_data(c, "train").info).executor
     step, at_call, placed = executor.step, [], []
     with _count_host_syncs() as syncs:
 

@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
     # strategy allows (one step per call drains its pipeline every step); the others
     # issue them back to back. The eval and checkpoint intervals must be multiples of it.
     # 0: spmd the largest T ≤ 10 that divides them, the others 1
-    # (`experiments.lib.builders.steps_per_call`).
+    # (`experiments.configs.validation.steps_per_call`).
     c.steps_per_call = 0
     # mpmd: the most microbatches whose residuals a stage holds; 0: what the window needs.
     c.max_in_flight = 0

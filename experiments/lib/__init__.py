@@ -1,6 +1,9 @@
 """The trainer behind `experiments.train` and `experiments.compare`.
 
-builders     config -> strategy, optimizer, data, model, executor; config checks
+models       config -> strategy and staged model
+optim        config -> optimizer: learning-rate schedule, weight-decay mask
+datasets     config -> data splits and training augmentation
+builders     config -> compiled program (model, executor, eval step, mesh), cached
 checkpoints  Orbax checkpoints with a compatibility fingerprint; workdir checks
 cli          flag parsing with one-line errors (unknown --config.FIELD, bad config arg)
 distributed  multi-process start-up flags (jax.distributed.initialize)

@@ -29,7 +29,8 @@ from typing import Any
 
 import ml_collections
 
-from experiments.lib import builders, trainer
+from experiments.configs import validation
+from experiments.lib import datasets, models, optim, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
 from experiments.lib.distributed import agreed, is_primary
 from experiments.lib.metrics import METRICS_FILE, read_metrics, with_bits_per_byte
@@ -75,7 +76,7 @@ def run_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Config
             c.combine, c.seed = rule or config.combine, int(seed)
             if not heads:  # e2e has no aux losses to combine or weight
                 c.combine, c.aux_weight = "last", 1.0
-            builders.validate(c)
+            validation.validate(c)
             runs.append(c)
     return runs
 
@@ -85,7 +86,7 @@ def run_dir(workdir: str, c: ml_collections.ConfigDict) -> str:
     and the seed, which a comparison varies, name the directory, so a comparison under
     another of them never resumes these runs; any other change is refused by the
     checkpoint fingerprint."""
-    name = builders.build_strategy(c).name.replace(":", "_")
+    name = models.build_strategy(c).name.replace(":", "_")
     if float(c.aux_weight) != 1.0:
         name += f"_aux{float(c.aux_weight):g}"
     return os.path.join(workdir, name, f"seed{c.seed}")
@@ -110,14 +111,14 @@ def predict_runs(runs: list[ml_collections.ConfigDict]) -> dict[str, costs.Throu
     """Each strategy's predicted throughput from its model's per-stage op costs at the
     config's K and M (module docstring), by strategy name."""
     first = runs[0]
-    info = builders.build_data(first, "train").info
-    batch = data.batches(builders.build_data(first, "train"), int(first.batch_size), seed=0)
+    info = datasets.build_data(first, "train").info
+    batch = data.batches(datasets.build_data(first, "train"), int(first.batch_size), seed=0)
     batch = batch.batch_at(0)
-    optimizer = builders.build_optimizer(first)
+    optimizer = optim.build_optimizer(first)
     by_cuts: dict[tuple[str, ...], costs.StageCosts] = {}
 
     def costs_of(c: ml_collections.ConfigDict) -> costs.StageCosts:
-        model = builders.build_model(c, info)
+        model = models.build_model(c, info)
         cuts = tuple(stage.name for stage in model.stages)  # balance="work" moves them
         if cuts not in by_cuts:
             by_cuts[cuts] = costs.stage_costs(model, optimizer, batch)
@@ -129,7 +130,7 @@ def predict_runs(runs: list[ml_collections.ConfigDict]) -> dict[str, costs.Throu
     baselines = costs.pipeline_baselines(e2e_costs)
     out = {}
     for c in runs:
-        strategy = builders.build_strategy(c)
+        strategy = models.build_strategy(c)
         if strategy.name not in out:
             out[strategy.name] = costs.predict_throughput(
                 strategy,
@@ -487,8 +488,8 @@ def compare(
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: need 0 ≤ i < n.")
     runs = run_configs(config)
-    train = builders.build_data(runs[0], "train")
-    builders.check_data(runs[0], train)
+    train = datasets.build_data(runs[0], "train")
+    validation.check_data(runs[0], train)
     workdir = prepare_workdir(workdir)
     preflight(runs, workdir, train.info)
     summaries, unfinished = [], []

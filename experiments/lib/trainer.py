@@ -14,7 +14,7 @@ its step and stage, and stops the run before anything after it is evaluated or
 checkpointed.
 
 Multi-process jobs (every process runs this): the mesh spans every device of every
-process (`builders.check_devices`); simulated reads only this process's rows of each
+process (`validation.check_devices`); simulated reads only this process's rows of each
 batch (`train_shard`) and spmd the whole batch; evaluation is process-sharded; every
 process saves and restores the checkpoints together (Orbax multi-host; spmd's spread
 over the devices, `checkpointed_state`), and process 0 alone writes metrics, summary
@@ -38,7 +38,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from experiments.lib import builders
+from experiments.configs import validation
+from experiments.lib import builders, datasets, models, optim
 from experiments.lib.checkpoints import (
     Checkpoints,
     ExperimentError,
@@ -78,18 +79,18 @@ def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> di
     )
     fields = {
         "num_stages": int(config.num_stages),
-        "model": builders.model_fields(config, info),
-        "strategy": builders.build_strategy(config).name,
+        "model": models.model_fields(config, info),
+        "strategy": models.build_strategy(config).name,
         "aux_weight": float(config.aux_weight),
         "dataset": config.dataset,
         **size,
-        "augment": builders.train_augment(config, info),
+        "augment": datasets.train_augment(config, info),
         "optimizer": opt.name,
-        **{f"optimizer.{name}": opt[name] for name in builders.OPTIMIZER_FIELDS[opt.name]},
+        **{f"optimizer.{name}": opt[name] for name in optim.OPTIMIZER_FIELDS[opt.name]},
         "batch_size": int(config.batch_size),
         "microbatches": int(config.microbatches),
         "seed": int(config.seed),
-        "num_train_steps": builders.schedule_steps(config),
+        "num_train_steps": optim.schedule_steps(config),
     }
     return json.loads(json.dumps(fields))  # as a checkpoint's metadata reads back
 
@@ -127,7 +128,7 @@ class _Loop:
         self.config, self.built, self.ckpts, self.writer = config, built, ckpts, writer
         self.test_src, self.bar, self.text = test_src, bar, text
         self.K = built.model.num_stages
-        self.schedule = builders.learning_rate_schedule(config)
+        self.schedule = optim.learning_rate_schedule(config)
         self.watch = NonFiniteWatch(self.K)
         # (first step, n, stacked, (metrics, learning rates), flag) of a call with a log
         # step, fetched together.
@@ -140,7 +141,7 @@ class _Loop:
 
     def run(self, state: Any, it: data.BatchIterator, start: int, end: int) -> Any:
         """Trains steps start..end (`it` at step start); returns the state."""
-        per_call, ex = builders.steps_per_call(self.config), self.built.executor
+        per_call, ex = validation.steps_per_call(self.config), self.built.executor
         sizes = call_sizes(start, end, per_call)
         place = batch_placement(self.config, ex, stacked=per_call > 1)
         feed = DeviceBatches(it, sizes, place, stack=per_call > 1)
@@ -291,7 +292,7 @@ def _start(
         train_src,
         int(config.batch_size),
         seed=int(config.seed),
-        augment=builders.train_augment(config, info),
+        augment=datasets.train_augment(config, info),
         process_index=index,
         process_count=count,
     )
@@ -382,10 +383,10 @@ def open_run(
     Returns (workdir's absolute path, train source, test source, its Checkpoints, the
     step to resume from or None).
     """
-    builders.validate(config)
-    train_src = builders.build_data(config, "train")
-    test_src = builders.build_data(config, "test")
-    builders.check_data(config, train_src)
+    validation.validate(config)
+    train_src = datasets.build_data(config, "train")
+    test_src = datasets.build_data(config, "test")
+    validation.check_data(config, train_src)
     workdir = prepare_workdir(workdir)
     ckpts = Checkpoints(workdir, fingerprint(config, train_src.info), int(config.max_to_keep))
     try:
