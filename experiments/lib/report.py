@@ -497,7 +497,7 @@ def compare(
         if finished_only:
             summary = _finished(c, run_dir(workdir, c))
             if summary is None:
-                unfinished.append(f"{builders.build_strategy(c).name} seed {c.seed}")
+                unfinished.append(f"{models.build_strategy(c).name} seed {c.seed}")
                 continue
             summaries.append(summary)
             continue
