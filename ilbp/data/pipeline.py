@@ -232,9 +232,9 @@ def _pad_with_mask(batch: dict[str, np.ndarray], real_B: np.ndarray) -> dict[str
     """Zero-pads rows to len(real_B) and adds "mask" [B] and padding-aware "weights"."""
     size, count = len(real_B), int(real_B.sum())
     out = {}
-    for key, value in batch.items():  # real rows anywhere (between microbatches too)
+    for key, value in batch.items():  # a shard's rows ascend: its real rows come first
         padded = np.zeros((size, *value.shape[1:]), value.dtype)
-        padded[real_B] = value[:count]
+        padded[:count] = value[:count]
         out[key] = padded
     mask_B = real_B.astype(np.float32)
     out["mask"] = mask_B
