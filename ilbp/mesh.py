@@ -71,7 +71,8 @@ def process_batch_shard(mesh: Mesh) -> tuple[int, int]:
     devices hold block `index` (rows [index·B/count, (index+1)·B/count)). Processes whose
     devices hold the same data positions (the stage axis spans processes) get the same
     block; on one process it is (0, 1). Pass it to `ilbp.data.batches` as
-    process_index/process_count.
+    process_index/process_count (with microbatches=M for the spmd executor, whose
+    devices hold block `index` of each microbatch: `SPMDExecutor.place`).
     """
     axis = mesh.axis_names.index(DATA_AXIS)
     me = jax.process_index()

@@ -291,6 +291,28 @@ def test_batches_process_shards(augment):
         data.batches(src, 9, seed=0, process_index=0, process_count=2)
 
 
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_microbatched_process_shards(drop_remainder):
+    """With M microbatches a shard is its block of every microbatch, microbatch after
+    microbatch (the rows a data shard holds after the spmd B -> M × b split); padded
+    last batches too."""
+    src, M, P = _toy_source(), 2, 2
+    kw = dict(seed=1, num_epochs=1, drop_remainder=drop_remainder)
+    steps = 3 if drop_remainder else 4  # 37 = 3 · 12 + 1
+    single = _collect(data.batches(src, 12, **kw, shard_by_process=False), steps)
+    for p in range(P):
+        it = data.batches(src, 12, **kw, process_index=p, process_count=P, microbatches=M)
+        for step, rows in enumerate(_collect(it, steps)):
+            for key, value in single[step].items():
+                want = value.reshape(M, P, 3, *value.shape[1:])[:, p]
+                np.testing.assert_array_equal(rows[key], want.reshape(6, *value.shape[1:]))
+    if not drop_remainder:  # the last batch's first row is real
+        last = data.batches(src, 12, **kw, process_index=0, process_count=P, microbatches=M)
+        assert last.batch_at(3)["mask"].tolist() == [1, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="2 processes × 4 microbatches"):
+        data.batches(src, 12, seed=0, process_index=0, process_count=2, microbatches=4)
+
+
 def test_default_process_sharding_uses_jax():
     import jax
 

@@ -39,10 +39,11 @@ def _run(*args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess,
 
 
 def _launch(
-    case: str, *extra: str, worker: tuple[str, ...] = (), timeout: float = 240
+    case: str, *extra: str, worker: tuple[str, ...] = (), timeout: float = 240, processes: int = 2
 ) -> tuple[subprocess.CompletedProcess, float]:
     return _run(
-        "experiments.launch", "--num_processes=2", "--devices_per_process=4", *extra,
+        "experiments.launch", f"--num_processes={processes}",
+        f"--devices_per_process={8 // processes}", *extra,
         "--module=tests.multihost_worker", "--", f"--case={case}", *worker, timeout=timeout,
     )  # fmt: skip
 
@@ -323,3 +324,24 @@ def test_spmd_training_across_processes_through_experiments_train(tmp_path):
     for cut, summary in (("two_cut", _summary(tmp_path / "two_cut")), ("one_cut", resumed)):
         assert summary["resumed_from"] == 8
         _assert_same_run(tmp_path / cut, tmp_path / "one", summary, single)
+
+
+def test_spmd_processes_read_only_their_rows(tmp_path):
+    """4 processes × 2 devices on (stage 2 × data 4), M = 2 (tests/multihost_worker.py,
+    --case=spmd_rows): the processes of one stage read disjoint halves of every
+    microbatch, those of one data block the same rows, each exactly the rows its devices
+    hold; the run is the 1-process run on 8 devices."""
+    from experiments.lib import trainer
+    from tests import experiments_fixtures as fx
+    from tests.multihost_worker import spmd_rows_config
+
+    text, root = fx.write_text_file(str(tmp_path / "corpus.txt")), tmp_path / "runs"
+    out, _ = _launch(
+        "spmd_rows", "--grace_s=30", worker=(f"--root={root}", f"--text={text}"),
+        timeout=900, processes=4,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    rows = sorted(line.split("] ", 1)[1] for line in out.stdout.splitlines() if "ROWS" in line)
+    assert rows == ["ROWS 0/2 80 of 160"] * 2 + ["ROWS 1/2 80 of 160"] * 2, out.stdout[-3000:]
+    single = trainer.train_and_evaluate(spmd_rows_config(text), str(tmp_path / "one"))
+    _assert_same_run(root / "spmd", tmp_path / "one", _summary(root / "spmd"), single)

@@ -14,6 +14,10 @@
   comparison of seeds 0 and 1 (`check_compare`); then ROOT/nan, where process 1's rows
   of batch 3 are NaN: every process exits with the trainer's error, as
   `experiments.train` does.
+--case=spmd_rows --root=DIR --text=FILE (4 processes × 2 devices): `spmd_rows_config`
+  trained in ROOT/spmd, its stages and its data axis both across processes; each process
+  checks that it read exactly its rows of every microbatch of every batch and prints
+  "ROWS <data block>/<blocks> <rows read> of <rows in the batches>".
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from absl import app, flags
 
 from experiments.lib import distributed
 
-_CASE = flags.DEFINE_enum("case", "batches", ["batches", "fail", "train"], "What to run.")
-_ROOT = flags.DEFINE_string("root", None, "--case=train: directory of the runs.")
+_CASE = flags.DEFINE_enum(
+    "case", "batches", ["batches", "fail", "train", "spmd_rows"], "What to run."
+)
+_ROOT = flags.DEFINE_string("root", None, "--case=train, spmd_rows: directory of the runs.")
 _IDX = flags.DEFINE_string("idx", None, "--case=train: IDX data directory.")
+_TEXT = flags.DEFINE_string("text", None, "--case=spmd_rows: text corpus.")
 
 
 def _source(n: int = 37):
@@ -182,13 +189,70 @@ def check_training(root: str, idx_dir: str) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+SPMD_ROWS = {  # a 2-stage Transformer LM, (stage 2 × data 4), M = 2, 2 steps per call
+    "seq_len": 16, "model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
+    "batch_size": 16, "data_parallel": 4, "microbatches": 2, "steps_per_call": 2,
+    "num_train_steps": 10, "checkpoint_every_steps": 10, "log_every_steps": 2,
+    "eval_every_steps": 0, "eval_batch_size": 32, "final_eval_examples": 64,
+    "optimizer.warmup_steps": 0, "progress_bar": False,
+}  # fmt: skip
+
+
+def spmd_rows_config(text: str):
+    from experiments.configs import stdlib_lm
+    from tests import experiments_fixtures as fx
+
+    c = stdlib_lm.get_config("pairwise,k=2,executor=spmd")
+    return fx.override(c, {"dataset": f"text:{text}", **SPMD_ROWS})
+
+
+def check_spmd_rows(root: str, text: str) -> None:
+    """Trains `spmd_rows_config` recording the rows this process reads (what the
+    trainer's iterator yields; it fetches nothing else) and checks them against the
+    single-process batches: of each of the M microbatches, this process's data block."""
+    from experiments.lib import trainer
+    from ilbp import data
+
+    batches, place, made, read = data.batches, trainer.batch_placement, [], []
+
+    def recording_batches(source, batch_size, **kw):
+        made.append((source, batch_size, kw))
+        return batches(source, batch_size, **kw)
+
+    def recording_placement(config, ex, **kw):
+        put = place(config, ex, **kw)
+
+        def record(rows):
+            read.append(rows)
+            return put(rows)
+
+        return record
+
+    data.batches, trainer.batch_placement = recording_batches, recording_placement
+    c = spmd_rows_config(text)
+    trainer.train_and_evaluate(c, root + "/spmd")
+    ((source, B, kw),) = made
+    index, count, M = kw["process_index"], kw["process_count"], int(c.microbatches)
+    got = np.concatenate([rows["inputs"] for rows in read])  # steps_per_call = 2: stacked
+    whole = batches(source, B, seed=kw["seed"], augment=kw["augment"], shard_by_process=False)
+    for step, rows in enumerate(got):
+        want = whole.batch_at(step)["inputs"]
+        want = want.reshape(M, count, B // (M * count), -1)[:, index].reshape(rows.shape)
+        assert np.array_equal(rows, want), step
+    print(f"ROWS {index}/{count} {got.shape[0] * got.shape[1]} of {len(got) * B}", flush=True)
+
+
 def main(argv: list[str]) -> None:
     del argv
     assert distributed.initialize_from_flags()
     import jax
     from jax.experimental import multihost_utils
 
-    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    assert jax.device_count() == 8, jax.devices()
+    if _CASE.value == "spmd_rows":
+        check_spmd_rows(_ROOT.value, _TEXT.value)
+        return
+    assert jax.process_count() == 2, jax.process_count()
     if _CASE.value == "fail":
         if jax.process_index() == 1:
             os._exit(3)  # dies: no exception handling, no JAX shut-down barrier

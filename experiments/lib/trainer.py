@@ -14,8 +14,9 @@ its step and stage, and stops the run before anything after it is evaluated or
 checkpointed.
 
 Multi-process jobs (every process runs this): the mesh spans every device of every
-process (`validation.check_devices`); simulated reads only this process's rows of each
-batch (`train_shard`) and spmd the whole batch; evaluation is process-sharded; every
+process (`validation.check_devices`); each process reads only the rows of each batch that
+its devices hold (`train_shard`), assembled into the global batch on the mesh
+(`batch_placement`); evaluation is process-sharded; every
 process saves and restores the checkpoints together (Orbax multi-host; spmd's spread
 over the devices, `checkpointed_state`), and process 0 alone writes metrics, summary
 and config and shows the progress bar. What a process finds on disk and acts on is
@@ -256,10 +257,13 @@ def call_sizes(start: int, end: int, per_call: int) -> list[int]:
 def batch_placement(
     config: ml_collections.ConfigDict, ex: Any, *, stacked: bool = False
 ) -> Callable[[Any], Any]:
-    """How a host batch (T × B × ... if `stacked`) is placed before the executor's call,
-    on the feeding thread: onto the single-program step's devices (this process's rows
-    of the global batch on its data mesh, see `train_shard`); mpmd and spmd place each
-    microbatch on its stage's devices themselves, from the whole host batch."""
+    """How this process's rows of a batch (`train_shard`; T × rows × ... if `stacked`)
+    are placed before the executor's call, on the feeding thread: assembled into the
+    global batch on the mesh (the single-program step's data mesh, or spmd's microbatches
+    over (stage, data), `SPMDExecutor.place`); mpmd places each microbatch on its
+    stage's devices itself, from the whole host batch."""
+    if config.executor == "spmd":
+        return lambda batch: ex.place(batch, stacked=stacked)
     if config.executor != "simulated":
         return lambda batch: batch
     mesh = ex.mesh
@@ -268,13 +272,15 @@ def batch_placement(
     return lambda batch: global_batch(batch, mesh, stacked=stacked)
 
 
-def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int]:
-    """(index, count) of the rows of every training batch this process reads: its block
-    of the single-program step's data mesh; all of it for mpmd and spmd, whose `step`
-    takes the whole batch on every process (and places only this process's shards)."""
+def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int, int]:
+    """(index, count, microbatches) of the rows of every training batch this process
+    reads (`ilbp.data.batches`): its block of the data mesh, of each of spmd's
+    microbatches; all of the batch for mpmd, which runs in one process."""
+    if config.executor == "spmd":
+        return (*process_batch_shard(ex.mesh), int(config.microbatches))
     if config.executor == "simulated" and ex.mesh is not None:
-        return process_batch_shard(ex.mesh)
-    return 0, 1
+        return (*process_batch_shard(ex.mesh), 1)
+    return 0, 1, 1
 
 
 def _start(
@@ -287,7 +293,7 @@ def _start(
     """(this process's batch iterator, executor state, first step): the initial state,
     or checkpoint `latest` with the iterator moved to its data step."""
     ex, info = built.executor, train_src.info
-    index, count = train_shard(config, ex)
+    index, count, microbatches = train_shard(config, ex)
     it = data.batches(
         train_src,
         int(config.batch_size),
@@ -295,8 +301,13 @@ def _start(
         augment=datasets.train_augment(config, info),
         process_index=index,
         process_count=count,
+        microbatches=microbatches,
     )
-    state = builders.initial_state(built, config, it.batch_at(0))
+    first = it.batch_at(0)
+    if config.executor == "spmd":  # its init checks the global batch's split; the
+        # parameters depend on the example shapes only
+        first = jax.tree.map(lambda x: np.concatenate([x] * count), first)
+    state = builders.initial_state(built, config, first)
     if latest is None:
         return it, state, 0
     ts, meta = ckpts.restore(latest, checkpointed_state(config, ex, state))

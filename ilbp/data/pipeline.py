@@ -4,24 +4,29 @@ Global step s of an iterator with global batch size B over N examples:
   epoch e = s // steps_per_epoch, position j = s % steps_per_epoch;
   the global batch is order_e[j*B : (j+1)*B], where order_e is arange(N) or, when
   shuffling, grain's seeded permutation of epoch e (a new one every epoch);
-  shard p of P takes rows [p*B/P, (p+1)*B/P) of it.
+  shard p of P takes rows [p*B/P, (p+1)*B/P) of it; split into M microbatches
+  (`microbatches`, consecutive blocks of b = B/M rows), shard p takes rows
+  [p*b/P, (p+1)*b/P) of every microbatch, microbatch after microbatch (the rows that
+  data shard p holds after a B -> M × b reshape; M = 1 is the contiguous block).
 So batch s is a pure function of (seed, s): any step is computed directly (`batch_at`),
 a run resumed at `start_step` sees exactly the batches an uninterrupted run would, and
-the P shards of a step are disjoint and, concatenated, are the single-process batch
-(row order included, so microbatches are the same whatever the process count).
+the P shards of a step are disjoint and, interleaved back (concatenated when M = 1),
+are the single-process batch, row order included, so microbatches are the same whatever
+the process count.
 Augmentation draws from hash(seed, e, example index), so it is unaffected by resuming,
 by prefetching or by the number of processes.
 
 drop_remainder=True: steps_per_epoch = N // B, every batch full, no extra keys.
 drop_remainder=False: steps_per_epoch = ceil(N / B); the last batch of an epoch is
-zero-padded, and every batch carries "mask" float32 [b] (1 = real example) and "weights"
-(the source's weights times the mask, broadcast over per-token axes; created from the
+zero-padded, and every batch carries "mask" float32 [rows] (1 = real example) and
+"weights" (the source's weights times the mask, broadcast over per-token axes; created from the
 mask if the source has none) so losses ignore padding. Keys are the same in every batch.
 
 The batches are a grain map dataset (element s = this shard's batch of step s):
   MapDataset.range(N).shuffle(seed')   example order; grain carries the epoch in the index
   [:L] or concatenate(padding)         L = steps_per_epoch * B slots per epoch
-  .batch(B/P)[p::P]                    rows [p*B/P, (p+1)*B/P) of each global batch
+  .batch(B/(M·P))[p::P].batch(M)       rows [p*b/P, (p+1)*b/P) of each microbatch,
+  .map(np.ravel)                       as one array of keys [B/P]
   .repeat(num_epochs)                  epoch after epoch, each reshuffled
   .map_with_index(fetch, augment, pad)
 Only this shard's rows are fetched from the source. Iteration reads ahead with grain's
@@ -30,8 +35,8 @@ thread prefetch (`prefetch`) or worker processes (`mp_prefetch`, `worker_count`)
 Kept by hand, because grain's versions would break a guarantee above:
 - Where the shard is cut. grain's samplers and `ShardByJaxProcess` slicing split the
   *examples* (contiguous or strided ranges), which makes the global batch and its row
-  order depend on the process count. Here grain's ShardOptions select rows of each global
-  batch instead (the `[p::P]` slice of local batches).
+  order depend on the process count. Here the `[p::P]` slice of pieces of b/P rows
+  selects rows of each global batch instead.
 - The shuffle seed: grain seeds epoch e with seed + e, so seed s's epoch 1 would be seed
   s+1's epoch 0; seed' = hash(seed) decorrelates runs with consecutive seeds.
 - Augmentation randomness (`hash_words`) instead of `random_map`: augmentations are
@@ -126,12 +131,16 @@ class BatchIterator:
         shard_by_process: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
+        microbatches: int = 1,
         prefetch: int = 2,
         worker_count: int = 0,
     ):
         index, count = _shard(shard_by_process, process_index, process_count)
-        if batch_size % count:
-            raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
+        if microbatches < 1 or batch_size % (count * microbatches):
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by {count} processes × "
+                f"{microbatches} microbatches"
+            )
         if not 0 <= index < count:
             raise ValueError(f"process_index {index} not in [0, {count})")
         self.source = source
@@ -152,8 +161,9 @@ class BatchIterator:
         load = _LoadBatch(
             source, seed, self.steps_per_epoch, get_augment(augment), not drop_remainder
         )
+        pieces = keys.batch(self.local_batch_size // microbatches)[index::count]
         self.dataset = (
-            keys.batch(self.local_batch_size)[index::count].repeat(num_epochs).map_with_index(load)
+            pieces.batch(microbatches).map(np.ravel).repeat(num_epochs).map_with_index(load)
         )
         self.num_steps = None if num_epochs is None else len(self.dataset)
         self._read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
@@ -222,7 +232,7 @@ def _pad_with_mask(batch: dict[str, np.ndarray], real_B: np.ndarray) -> dict[str
     """Zero-pads rows to len(real_B) and adds "mask" [B] and padding-aware "weights"."""
     size, count = len(real_B), int(real_B.sum())
     out = {}
-    for key, value in batch.items():
+    for key, value in batch.items():  # a shard's rows ascend: its real rows come first
         padded = np.zeros((size, *value.shape[1:]), value.dtype)
         padded[:count] = value[:count]
         out[key] = padded
@@ -253,6 +263,7 @@ def batches(
     shard_by_process: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
+    microbatches: int = 1,
     prefetch: int = 2,
     worker_count: int = 0,
 ) -> BatchIterator:
@@ -274,6 +285,9 @@ def batches(
       process_index, process_count: this process's shard and the number of shards
         (default jax.process_index()/process_count(); on a mesh whose stage axis spans
         processes, `ilbp.mesh.process_batch_shard(mesh)`).
+      microbatches: M; a shard is its rows of each of the M microbatches (module
+        docstring): the rows a data shard holds after the spmd executor's B -> M × b
+        split (`SPMDExecutor.place`). No effect with one shard.
       prefetch: batches read ahead by as many background threads (0: on demand).
       worker_count: read in this many worker processes instead (grain `mp_prefetch`;
         the source must be picklable by cloudpickle).
@@ -293,6 +307,7 @@ def batches(
         shard_by_process=shard_by_process,
         process_index=process_index,
         process_count=process_count,
+        microbatches=microbatches,
         prefetch=prefetch,
         worker_count=worker_count,
     )

@@ -9,6 +9,11 @@ cotangent lists (the schedule: `ilbp.pipeline.spmd_clock`). `steps(state, batche
 T steps in one program, each stage starting step s + 1 as soon as its own update allows
 (pairwise with M = 1: 3 ticks per step against global's 2K - 1); `step` is `steps` with
 T = 1, which drains the pipeline.
+
+Batches: `step`/`steps` take the whole batch on every process (each process places its
+own shards), or `place`d batches assembled on the mesh from each process's rows: the rows
+its data shards hold after the B -> M × b microbatch split (`ilbp.data.batches` with
+`microbatches=M` and `ilbp.mesh.process_batch_shard`), so each process reads only those.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from ilbp.checks import (
     check_stage_devices,
 )
 from ilbp.engine import Metrics, loss_metrics
-from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh
+from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh, process_batch_shard
 from ilbp.pipeline.homogeneous import check_homogeneous
 from ilbp.pipeline.spmd_clock import Clock, stage_program
 from ilbp.stage import Batch, StagedModel
@@ -48,6 +53,14 @@ class SPMDState:
     params: Any
     opt_state: Any
     rng: jax.Array
+
+
+@flax.struct.dataclass
+class PlacedBatches:
+    """Batches split into microbatches on the mesh (`SPMDExecutor.place`): every leaf a
+    jax.Array T × M × b × ..., b sharded over `data`."""
+
+    split: Any
 
 
 def _put(tree: Any, sharding: NamedSharding) -> Any:
@@ -134,6 +147,7 @@ class SPMDExecutor:
         self.period = self.clock.period  # P: ticks per step per stage
         self.stacked = NamedSharding(mesh, P(STAGE_AXIS))
         self.replicated = NamedSharding(mesh, P())
+        self.split = NamedSharding(mesh, P(None, None, DATA_AXIS))  # T × M × b batches
         # The state is donated: the program updates parameters and optimizer state in place.
         self._step = jax.jit(self._step_fn, static_argnames="squeeze", donate_argnums=0)
         self._restack = jax.jit(self._stacked_layout, out_shardings=(self.stacked,) * 2)
@@ -246,29 +260,65 @@ class SPMDExecutor:
         """Clock ticks of a `steps` call of T = num_steps steps."""
         return self.clock.ticks(num_steps)
 
-    def step(self, st: SPMDState, batch: Batch) -> tuple[SPMDState, Metrics]:
-        """One step (the pipeline drains at its end); donates `st`, as `steps` does."""
-        return self._run(st, jax.tree.map(lambda x: x[None], batch), squeeze=True)
+    def step(self, st: SPMDState, batch: Batch | PlacedBatches) -> tuple[SPMDState, Metrics]:
+        """One step (the pipeline drains at its end); donates `st`, as `steps` does.
+        `batch`: the whole batch B × ... on every process, or `place(rows)`."""
+        if isinstance(batch, PlacedBatches):
+            if {x.shape[0] for x in jax.tree.leaves(batch.split)} != {1}:
+                raise ValueError("step() takes one placed batch: place(rows, stacked=False).")
+        else:
+            batch = jax.tree.map(lambda x: x[None], batch)
+        return self._run(st, batch, squeeze=True)
 
-    def steps(self, st: SPMDState, batches: Batch) -> tuple[SPMDState, Metrics]:
+    def steps(self, st: SPMDState, batches: Batch | PlacedBatches) -> tuple[SPMDState, Metrics]:
         """T steps in one program, overlapped as the strategy allows (module docstring).
 
-        `batches`: every leaf T × B × ...: batch t is step t's. Returns the state after
-        the T steps and metrics whose values have a leading axis of T. The result is
-        that of T `step` calls (one update per step); only the schedule differs. `st` is
-        donated (its buffers hold the new state): use the returned state afterwards.
+        `batches`: every leaf T × B × ... (batch t is step t's) on every process, or
+        `place(rows, stacked=True)`. Returns the state after the T steps and metrics
+        whose values have a leading axis of T. The result is that of T `step` calls (one
+        update per step); only the schedule differs. `st` is donated (its buffers hold
+        the new state): use the returned state afterwards.
         """
-        check_stacked(batches)
+        if not isinstance(batches, PlacedBatches):
+            check_stacked(batches)
         return self._run(st, batches, squeeze=False)
 
-    def _run(self, st: SPMDState, batches: Batch, squeeze: bool) -> tuple[SPMDState, Metrics]:
-        self._check(jax.tree.map(lambda x: x[0], batches))
-        M = self.M
-        split = jax.tree.map(
-            lambda x: x.reshape(x.shape[0], M, x.shape[1] // M, *x.shape[2:]), batches
+    def place(self, rows: Batch, *, stacked: bool = False) -> PlacedBatches:
+        """The global batches assembled on the mesh from this process's `rows` of them;
+        nothing is copied between processes.
+
+        `rows`: leaves [B/c, ...] ([T, B/c, ...] if `stacked`): block `index` of `count`
+        = `process_batch_shard(self.mesh)` of every microbatch, microbatch after
+        microbatch, as `ilbp.data.batches(..., process_index=index, process_count=count,
+        microbatches=self.M)` reads them (in one process, the whole batch).
+        """
+        _, count = process_batch_shard(self.mesh)
+        rows = rows if stacked else jax.tree.map(lambda x: x[None], rows)
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[1] * count, *x.shape[2:]), x.dtype), rows
         )
-        split = _put(split, NamedSharding(self.mesh, P(None, None, DATA_AXIS)))
-        return self._step(st, split, squeeze=squeeze)
+        self._check(shapes)
+        M = self.M
+
+        def put(x):
+            T, n, *example = x.shape
+            split = x.reshape(T, M, n // M, *example)
+            global_shape = (T, M, n // M * count, *example)
+            return jax.make_array_from_process_local_data(self.split, split, global_shape)
+
+        return PlacedBatches(jax.tree.map(put, rows))
+
+    def _run(
+        self, st: SPMDState, batches: Batch | PlacedBatches, squeeze: bool
+    ) -> tuple[SPMDState, Metrics]:
+        if not isinstance(batches, PlacedBatches):  # whole batches: each process its shards
+            self._check(jax.tree.map(lambda x: x[0], batches))
+            M = self.M
+            split = jax.tree.map(
+                lambda x: x.reshape(x.shape[0], M, x.shape[1] // M, *x.shape[2:]), batches
+            )
+            batches = PlacedBatches(_put(split, self.split))
+        return self._step(st, batches.split, squeeze=squeeze)
 
     # The program -----------------------------------------------------------------------
     def _step_fn(self, st: SPMDState, split: Batch, squeeze: bool):
