@@ -122,10 +122,22 @@ def render(name: str, root: str = ROOT) -> str:
             *lines,
             "",
             f"{recovery_line(runs, quality_metric(runs))} "
-            f"Files: [`{RESULTS_DIR}/{name}/`]({RESULTS_DIR}/{name}/results.md).",
+            f"Files: [`{RESULTS_DIR}/{name}/`]({RESULTS_DIR}/{name}/results.md)."
+            + unfinished_note(directory),
             "",
         ]
     )
+
+
+def unfinished_note(directory: str) -> str:
+    """results.md's list of the comparison's runs not finished yet (compare
+    --finished_only), with a leading space, or ""."""
+    path = os.path.join(directory, "results.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        notes = [line.strip() for line in f if line.startswith("Not yet finished")]
+    return f" {notes[-1]}" if notes else ""
 
 
 def _prediction_cells(row: dict[str, str]) -> list[str]:

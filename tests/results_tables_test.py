@@ -51,6 +51,13 @@ def test_table_has_every_number_with_its_spread_and_the_recovery(tmp_path):
     # Per seed: (0.7 − 0.5)/(0.9 − 0.5) = 0.5 and (0.7 − 0.6)/(0.8 − 0.6) = 0.5;
     # 3wise: (0.8 − 0.5)/0.4 = 0.75 and (0.7 − 0.6)/0.2 = 0.5.
     assert "of test accuracy, per seed: pairwise 0.500 ± 0.000 (n=2); 3wise 0.625" in table
+    assert "Not yet finished" not in table
+    with open(os.path.join(str(tmp_path), "docs", "results", "tiny_k4", "results.md"), "w") as f:
+        f.write("| table |\n\nNot yet finished, so not in this report: e2e seed 2.\n")
+    table = results_tables.render("tiny_k4", str(tmp_path))
+    assert table.rstrip().endswith(
+        "results.md). Not yet finished, so not in this report: e2e seed 2."
+    )
 
 
 def test_language_model_tables_use_loss():
