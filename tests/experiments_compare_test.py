@@ -110,7 +110,9 @@ def test_e2e_rows_show_no_aux_accuracy():
     assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
     target = report.QualityTarget("e2e", "accuracy", 0.49, True)
     table, _ = report.render_markdown(rows, summaries, config, target)
-    assert "| e2e | 0.5000 ± nan | — / — |" in table and "| 0.200 / 0.300 |" in table
+    assert "| e2e | 0.5000 (n=1) | — / — |" in table and "| 0.200 / 0.300 |" in table
+    # One seed each: the gap is given without a verdict it has no spread for.
+    assert "= +0.0000 (one seed: no spread to judge it by)" in table
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):

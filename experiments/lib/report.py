@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 from typing import Any
@@ -217,9 +218,9 @@ def aggregate(
         row = {"strategy": name, "seeds": len(runs), f"test_{metric}_mean": mean}
         row[f"test_{metric}_std"] = std
         trains_heads = Strategy.parse(name).aux_heads  # e2e's heads stay untrained: NaN
-        for k in range(K - 1):
-            row[f"aux{k}_accuracy_mean"] = (
-                statistics.fmean(r["test"][f"aux/{k}/accuracy"] for r in runs)
+        for k, aux in itertools.product(range(K - 1), _aux_metrics(metric)):
+            row[f"aux{k}_{aux}_mean"] = (
+                statistics.fmean(r["test"][f"aux/{k}/{aux}"] for r in runs)
                 if trains_heads
                 else float("nan")
             )
@@ -227,6 +228,26 @@ def aggregate(
         row.update(prediction_columns(predictions[name], times[name]))
         rows.append(row)
     return rows
+
+
+def _aux_metrics(metric: str) -> tuple[str, ...]:
+    """The aux heads' metrics a report gives: accuracy, and the loss for LMs."""
+    return ("accuracy", "loss") if metric == "perplexity" else ("accuracy",)
+
+
+def _spread(mean: float, std: float) -> str:
+    """mean ± std, or the mean alone with (n=1) when one seed gives no spread."""
+    return f"{mean:.4f} (n=1)" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _gap(a: dict, b: dict, metric: str) -> str:
+    """`a − b` of the mean test metric, and whether it is beyond the seeds' spread."""
+    (ma, sa), (mb, sb) = ((r[f"test_{metric}_mean"], r[f"test_{metric}_std"]) for r in (a, b))
+    if math.isnan(sa) or math.isnan(sb):
+        verdict = "one seed: no spread to judge it by"
+    else:
+        verdict = f"{'beyond' if abs(ma - mb) > sa + sb else 'within'} the sum of their stds"
+    return f"{a['strategy']} − {b['strategy']} = {ma - mb:+.4f} ({verdict})"
 
 
 def prediction_columns(t: costs.Throughput, times: list[float | None]) -> dict[str, Any]:
@@ -304,10 +325,11 @@ def render_markdown(
     """(the per-strategy table and ranking, which `compare` prints; all of results.md)."""
     metric, K = summaries[0]["metric"], summaries[0]["num_stages"]
     s0 = summaries[0]
+    aux_metric = _aux_metrics(metric)[-1]
     head = [
         "strategy",
         f"test {metric} (mean ± std)",
-        f"aux acc (k=0..{K - 2})",
+        f"aux {aux_metric} (k=0..{K - 2})",
         "step (ms)",
         "pred. ×e2e split, M=1",
         "pred. ×best e2e pipeline",
@@ -315,10 +337,11 @@ def render_markdown(
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        aux = " / ".join(f"{r[f'aux{k}_accuracy_mean']:.3f}" for k in range(K - 1))
+        aux = " / ".join(f"{r[f'aux{k}_{aux_metric}_mean']:.3f}" for k in range(K - 1))
         aux = aux.replace("nan", "—")
+        spread = _spread(r[f"test_{metric}_mean"], r[f"test_{metric}_std"])
         lines.append(
-            f"| {r['strategy']} | {r[f'test_{metric}_mean']:.4f} ± {r[f'test_{metric}_std']:.4f} "
+            f"| {r['strategy']} | {spread} "
             f"| {aux} | {r['step_time_ms_mean']:.0f} | {r['pred_vs_e2e_split_M1']:.2f} "
             f"| {_vs_pipeline(r)} | {_time_to_target(r)} |"
         )
@@ -326,14 +349,7 @@ def render_markdown(
     better = (lambda v: -v) if metric == "perplexity" else (lambda v: v)
     ranked = sorted(rows, key=lambda r: -better(r[f"test_{metric}_mean"]))
     ranking = " > ".join(r["strategy"] for r in ranked)
-    gaps = []
-    for a, b in itertools.pairwise(ranked):
-        (ma, sa), (mb, sb) = ((r[f"test_{metric}_mean"], r[f"test_{metric}_std"]) for r in (a, b))
-        within = not abs(ma - mb) > sa + sb  # NaN std (one seed) counts as "within"
-        gaps.append(
-            f"{a['strategy']} − {b['strategy']} = {ma - mb:+.4f} "
-            f"({'within' if within else 'beyond'} the sum of their stds)"
-        )
+    gaps = [_gap(a, b, metric) for a, b in itertools.pairwise(ranked)]
     runs = [
         "| strategy | seed | test " + metric + " | step time (ms) | wall (s) |",
         "|---|---|---|---|---|",
@@ -349,10 +365,11 @@ def render_markdown(
             f"# {config.name}: strategies compared",
             "",
             f"K={K} stages, {s0['steps']} steps of batch {config.batch_size}, "
-            f"{len(summaries) // len(rows)} seeds; final numbers on all {s0['test_examples']} "
+            f"{_seed_counts(rows)} seeds; final numbers on all {s0['test_examples']} "
             "test examples. std: sample standard deviation over seeds. Step time: median "
             "of one single-program step on this machine (all stages in one jit; noisy on a "
-            "shared machine). aux acc: each aux head's test accuracy, mean over seeds. "
+            f"shared machine). aux {aux_metric}: each aux head's test {aux_metric}, mean "
+            "over seeds. "
             "pred.: the schedule model fed with each stage's op costs (XLA cost analysis "
             f"of this model's per-stage ops on {costs.DEFAULT_HARDWARE.name}), one device per "
             f"stage, M={config.microbatches}: throughput relative to e2e with split "
@@ -375,6 +392,11 @@ def render_markdown(
             "",
         ]
     )
+
+
+def _seed_counts(rows: list[dict]) -> str:
+    counts = sorted({int(r["seeds"]) for r in rows})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]} (per strategy)"
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
