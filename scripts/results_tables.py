@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from experiments.lib.report import COMMAND_FILE, format_seconds
+from ilbp.strategy import Strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join("docs", "results")
@@ -112,7 +113,8 @@ def render(name: str, root: str = ROOT) -> str:
     for strategy, row in rows.items():
         mine = [r for r in runs if r["strategy"] == strategy]
         cells = [_spread([float(r[m]) for r in mine]) for m in metrics]
-        cells.append(aux_cell(mine, aux_metric))
+        trained = Strategy.parse(strategy).aux_heads  # e2e evaluates untrained heads
+        cells.append(aux_cell(mine, aux_metric) if trained else "–")
         cells += _prediction_cells(row)
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(
