@@ -24,7 +24,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-from experiments.lib.report import COMMAND_FILE, format_seconds
+from experiments.lib.report_files import COMMAND_FILE, format_seconds
 from ilbp.strategy import Strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import os
 import ml_collections
 import pytest
 
-from experiments.lib import checkpoints, models, report
+from experiments.lib import checkpoints, models, report, report_files
 from ilbp import costs
 from tests import experiments_fixtures as fx
 
@@ -108,8 +108,8 @@ def test_e2e_rows_show_no_aux_accuracy():
     rows = report.aggregate(summaries, predicted, {"e2e": [None], "pairwise": [1.0]})
     assert [r["aux1_accuracy_mean"] for r in rows][1] == 0.3
     assert all(math.isnan(rows[0][f"aux{k}_accuracy_mean"]) for k in range(2))
-    target = report.QualityTarget("e2e", "accuracy", 0.49, True)
-    table, _ = report.render_markdown(rows, summaries, config, target)
+    target = report_files.QualityTarget("e2e", "accuracy", 0.49, True)
+    table, _ = report_files.render_markdown(rows, summaries, config, target)
     assert "| e2e | 0.5000 (n=1) | — / — |" in table and "| 0.200 / 0.300 |" in table
     # One seed each: the gap is given without a verdict it has no spread for.
     assert "= +0.0000 (one seed: no spread to judge it by)" in table

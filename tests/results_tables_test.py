@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments.lib import report
+from experiments.lib import report, report_files
 from ilbp.costs import Baseline, Throughput
 from scripts import results_tables
 
@@ -22,7 +22,7 @@ def _write_results(root, name: str, accuracy: dict[str, list[float]], text: bool
             aux = float("nan") if strategy == "e2e" else value / 2
             metrics |= {"aux/0/accuracy": aux, "aux/1/accuracy": aux + 0.1}
             runs.append({"strategy": strategy, "seed": seed, **metrics, "step_time_s": 0.1})
-    report.write_csv(os.path.join(directory, "runs.csv"), runs)
+    report_files.write_csv(os.path.join(directory, "runs.csv"), runs)
     pipeline = Baseline("zb", 4, 1e-3, 2**20)
     rows = []
     for i, strategy in enumerate(accuracy):
@@ -31,8 +31,8 @@ def _write_results(root, name: str, accuracy: dict[str, list[float]], text: bool
         times = [None, None] if strategy == "local" else [10.0 + i, 12.0 + i]
         row = {"strategy": strategy, "seeds": len(accuracy[strategy])}
         rows.append(row | report.prediction_columns(throughput, times))
-    report.write_csv(os.path.join(directory, "results.csv"), rows)
-    with open(os.path.join(directory, report.COMMAND_FILE), "w") as f:
+    report_files.write_csv(os.path.join(directory, "results.csv"), rows)
+    with open(os.path.join(directory, report_files.COMMAND_FILE), "w") as f:
         f.write(f"python -m experiments.compare --config=x.py --workdir=docs/results/{name}\n")
     return directory
 

@@ -10,5 +10,6 @@ distributed  multi-process start-up flags (jax.distributed.initialize)
 loop         the trainer's hot loop: non-finite checks on device, batches placed ahead
 metrics      JSONL + TensorBoard writer, evaluation over a split
 trainer      `train_and_evaluate(config, workdir)`: one run, resumable
-report       `compare(config, workdir)`: strategies x seeds -> results.md/.csv/.png
+report       `compare(config, workdir)`: strategies x seeds, aggregated and predicted
+report_files what a comparison writes: results.md, the CSVs, the figures
 """
