@@ -222,7 +222,7 @@ def test_a_finished_run_is_not_overwritten(trained, idx_dir):
     c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
     summary = trainer.train_and_evaluate(c, trained)
     with open(os.path.join(trained, trainer.SUMMARY_FILE)) as f:
-        assert summary == json.load(f)
+        assert {**json.load(f), "workdir": summary["workdir"]} == summary  # file names no path
     assert summary["resumed_from"] == 0 and math.isfinite(summary["step_time_s"])
     assert fx.tree_digest(trained) == before
     ckpt = os.path.join(trained, "checkpoints")
@@ -231,3 +231,33 @@ def test_a_finished_run_is_not_overwritten(trained, idx_dir):
     again = trainer.train_and_evaluate(c, trained)
     assert again["resumed_from"] == 2 and again["test_examples"] == c.final_eval_examples
     assert {s: fx.tree_digest(os.path.join(ckpt, s)) for s in os.listdir(ckpt)} == ckpts_before
+
+
+def _committed_copy(trained: str, workdir: str, idx_dir: str):
+    """(`trained` as committed with results: summary, metrics and config, no
+    checkpoints; its config, evaluating the examples its summary records)."""
+    import json
+    import shutil
+
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    with open(os.path.join(workdir, trainer.SUMMARY_FILE)) as f:
+        c.final_eval_examples = json.load(f)["test_examples"]  # another test may change it
+    return workdir, c
+
+
+def test_a_finished_run_without_checkpoints_is_read_back(trained, idx_dir, tmp_path):
+    workdir, c = _committed_copy(trained, str(tmp_path / "committed"), idx_dir)
+    before = fx.tree_digest(workdir)
+    summary = trainer.train_and_evaluate(c, workdir)
+    assert summary["workdir"] == workdir and summary["steps"] == 2
+    assert fx.tree_digest(workdir) == before and not os.path.exists(workdir + "/checkpoints")
+
+
+def test_a_finished_run_of_another_config_is_refused_untouched(trained, idx_dir, tmp_path):
+    workdir, c = _committed_copy(trained, str(tmp_path / "committed"), idx_dir)
+    before = fx.tree_digest(workdir)
+    c.seed = 7
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="seed: checkpoint has 0"):
+        trainer.train_and_evaluate(c, workdir)
+    assert fx.tree_digest(workdir) == before

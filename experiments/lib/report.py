@@ -20,7 +20,6 @@ QUALITY_FRACTION of the reference strategy's final quality (accuracy; loss for L
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 from typing import Any
@@ -95,10 +94,12 @@ def run_dir(workdir: str, c: ml_collections.ConfigDict) -> str:
 
 
 def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.DatasetInfo) -> None:
-    """Refuses (before any training) if some run's existing checkpoint is incompatible.
-    Every process of a job looks at the same runs, before any of them creates one."""
+    """Refuses (before any training) if some run's existing checkpoint or finished
+    summary is of another config. Every process of a job looks at the same runs, before
+    any of them creates one."""
     for c in runs:
         directory = run_dir(workdir, c)
+        trainer.read_finished(directory, trainer.fingerprint(c, info), int(c.num_train_steps))
         found = os.path.isdir(os.path.join(directory, "checkpoints"))
         if not agreed(found, f"whether {directory} has checkpoints"):
             continue
@@ -260,7 +261,8 @@ def compare(
     summaries, unfinished = [], []
     for c in runs[index::count]:
         if finished_only:
-            summary = _finished(c, run_dir(workdir, c))
+            fp, steps = trainer.fingerprint(c, train.info), int(c.num_train_steps)
+            summary = trainer.read_finished(run_dir(workdir, c), fp, steps)
             if summary is None:
                 unfinished.append(f"{models.build_strategy(c).name} seed {c.seed}")
                 continue
@@ -285,13 +287,3 @@ def compare(
         table, markdown = f"{table}\n\n{note}", f"{markdown.rstrip()}\n\n{note}\n"
     write_report(workdir, markdown, rows, summaries, predictions, target, command)
     return table, rows
-
-
-def _finished(c: ml_collections.ConfigDict, directory: str) -> dict[str, Any] | None:
-    """The run's summary if it trained all of num_train_steps, else None."""
-    path = os.path.join(directory, trainer.SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        summary = json.load(f)
-    return summary if summary.get("steps") == int(c.num_train_steps) else None

@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -45,6 +45,7 @@ from experiments.lib.checkpoints import (
     Checkpoints,
     ExperimentError,
     IncompatibleCheckpointError,
+    fingerprint_diff,
     prepare_workdir,
 )
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
@@ -334,12 +335,9 @@ def train_and_evaluate(
       ValueError (bad config), ilbp.data.DataMissingError, ExperimentError subclasses
       (unwritable workdir, incompatible or corrupt checkpoint, non-finite loss).
     """
-    workdir, train_src, test_src, ckpts, latest = open_run(config, workdir)
-    final_examples = int(config.get("final_eval_examples", 0))
-    final_src = Prefix(test_src, final_examples) if final_examples else test_src
-    if done := finished_summary(workdir, final_src, latest == int(config.num_train_steps)):
-        ckpts.close()
-        return done
+    workdir, train_src, test_src, final_src, finished, ckpts, latest = open_run(config, workdir)
+    if finished:  # not trained or evaluated again
+        return finished
     info = train_src.info
     built = builders.build(config, info)
     ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
@@ -380,55 +378,89 @@ def train_and_evaluate(
         "name": config.name, "strategy": built.strategy.name, "num_stages": K,
         "seed": int(config.seed), "steps": T, "resumed_from": start,
         "test_examples": len(final_src), "metric": "perplexity" if text else "accuracy",
-        "test": final,
+        "test": final, "fingerprint": fingerprint(config, info),
     }  # fmt: skip
     return _write_summary(workdir, summary, loop.step_times, time.perf_counter() - wall)
 
 
-def open_run(
-    config: ml_collections.ConfigDict, workdir: str
-) -> tuple[str, Any, Any, Checkpoints, int | None]:
-    """Checks `config`, reads its data, then opens `workdir` and its checkpoints, in
-    that order, so that bad input fails before any file is written.
+class OpenRun(NamedTuple):
+    """A run's workdir (absolute), data sources, and either its summary (`finished`, no
+    checkpoints opened) or its Checkpoints and the step to resume from (None: fresh)."""
 
-    Returns (workdir's absolute path, train source, test source, its Checkpoints, the
-    step to resume from or None).
-    """
+    workdir: str
+    train_src: Any
+    test_src: Any
+    final_src: Any  # the test examples of the final evaluation
+    finished: dict[str, Any] | None
+    ckpts: Checkpoints | None = None
+    latest: int | None = None
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
+    """Checks `config`, reads its data, then opens `workdir` and its checkpoints, in
+    that order, so that bad input fails before any file is written; a finished run
+    (`read_finished`) opens no checkpoints."""
     validation.validate(config)
     train_src = datasets.build_data(config, "train")
     test_src = datasets.build_data(config, "test")
     validation.check_data(config, train_src)
+    final_examples = int(config.get("final_eval_examples", 0))
+    final_src = Prefix(test_src, final_examples) if final_examples else test_src
     workdir = prepare_workdir(workdir)
-    ckpts = Checkpoints(workdir, fingerprint(config, train_src.info), int(config.max_to_keep))
+    wanted, steps = fingerprint(config, train_src.info), int(config.num_train_steps)
+    summary = read_finished(workdir, wanted, steps, len(final_src))
+    sources = (workdir, train_src, test_src, final_src)
+    if agreed(summary is not None and "fingerprint" in summary, f"whether {workdir} is done"):
+        return OpenRun(*sources, finished=summary)
+    ckpts = Checkpoints(workdir, wanted, int(config.max_to_keep))
     try:
-        latest = resumable_step(ckpts, int(config.num_train_steps))
+        latest = resumable_step(ckpts, steps)
     except ExperimentError:
         ckpts.close()
         raise
-    return workdir, train_src, test_src, ckpts, latest
+    if agreed(summary is not None and latest == steps, f"whether {workdir} is done"):
+        ckpts.close()  # finished before summaries recorded fingerprints
+        return OpenRun(*sources, finished=summary)
+    return OpenRun(*sources, finished=None, ckpts=ckpts, latest=latest)
 
 
-def finished_summary(workdir: str, final_src: Any, at_end: bool) -> dict[str, Any] | None:
-    """WORKDIR/summary.json if the checkpoint is the final step (`at_end`) and the summary
-    records the final evaluation on `final_src`'s examples, else None: a finished run is
-    not evaluated again when a comparison resumes. Every process of a job must agree
-    (`distributed.agreed`), or none would know whether the others train."""
-    summary = None
+def read_finished(
+    workdir: str, wanted: dict[str, Any], steps: int, test_examples: int | None = None
+) -> dict[str, Any] | None:
+    """WORKDIR/summary.json if it records a finished run of the config whose fingerprint
+    is `wanted` (all its `steps`, and its final evaluation on `test_examples` examples
+    unless None), else None; the summary's "workdir" is WORKDIR.
+
+    A summary records its config's fingerprint, so a finished run is recognised from the
+    summary alone (checkpoints are not committed with results); one written before
+    summaries recorded fingerprints is returned as is, for the caller to check against
+    the checkpoint. IncompatibleCheckpointError if the summary is of another config:
+    training there would overwrite a finished run's results.
+    """
     path = os.path.join(workdir, SUMMARY_FILE)
-    if at_end and os.path.exists(path):
-        with open(path) as f:
-            summary = json.load(f)
-        if summary.get("test_examples") != len(final_src):
-            summary = None
-    finished = agreed(summary is not None, f"whether {workdir} holds a finished run")
-    return summary if finished else None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    diffs, _ = fingerprint_diff(summary.get("fingerprint", wanted), wanted)
+    if diffs:
+        raise IncompatibleCheckpointError(
+            f"{path} records a finished run of another config ({'; '.join(diffs)}). Use "
+            "another --workdir, or move that run away to train this config there."
+        )
+    if summary.get("steps") != steps or (
+        test_examples is not None and summary.get("test_examples") != test_examples
+    ):
+        return None
+    return {**summary, "workdir": workdir}
 
 
 def _write_summary(
     workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
 ) -> dict[str, Any]:
-    """Adds timing and the workdir to `summary` and writes WORKDIR/summary.json (process
-    0 of a multi-process job; every process returns it)."""
+    """Adds timing to `summary` and writes WORKDIR/summary.json (process 0 of a
+    multi-process job); every process returns it with "workdir" added, which the file
+    leaves out so that it names no path of the machine that trained it."""
     # A run resumed at its end keeps the step time and wall time it measured.
     previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
     if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
@@ -438,14 +470,13 @@ def _write_summary(
         **summary,
         "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
         "wall_time_s": wall_time + previous["wall_time_s"],
-        "workdir": workdir,
     }
     if is_primary():  # whole or not at all: the other processes may read it next
         path = os.path.join(workdir, SUMMARY_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
-    return summary
+    return {**summary, "workdir": workdir}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
