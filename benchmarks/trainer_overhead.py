@@ -16,9 +16,13 @@ robin `--repeats` times:
            by grain, batches placed ahead, non-finite checks on device, metrics read
            every `--log-every` steps, one checkpoint at the end); its summary's
            step time (the median over the intervals between the host's looks).
+  data     the trainer's batch iterator alone (grain read threads included), nothing
+           else running: host seconds per batch that the trainer's data thread spends
+           while the devices compute, which the bare loop spends before its clock.
 The first call of each (compilation) is not timed. The ratio trainer / bare is the
 trainer's overhead per step (the target is ≤ 1.05). On a CPU the trainer's data thread
-and the devices share the cores, which a GPU or TPU host does not; on a CPU that other
+and the devices share the cores, which a GPU or TPU host does not, so there the data
+column is (at most) what the trainer's data work adds to a step. On a CPU that other
 work also loads, single runs vary by tens of percent, so the table gives medians and
 minimums over the repeats and each repeat's ratio.
 """
@@ -115,6 +119,29 @@ def bare_step_time(config: ml_collections.ConfigDict, log_every: int) -> float:
     return statistics.median(times)
 
 
+def data_time(config: ml_collections.ConfigDict) -> float:
+    """Seconds per batch of the trainer's batch iterator (same source, augmentation,
+    microbatch split and read threads) over the run's steps, after its first batch."""
+    from experiments.lib import builders, datasets, trainer
+    from ilbp import data
+
+    src = datasets.build_data(config, "train")
+    _, _, microbatches = trainer.train_shard(config, builders.build(config, src.info).executor)
+    augment = datasets.train_augment(config, src.info)
+    it = data.batches(
+        src, int(config.batch_size), seed=int(config.seed), augment=augment,
+        microbatches=microbatches,
+    )  # fmt: skip
+    next(it)  # starts the read threads
+    steps = int(config.num_train_steps) - 1
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    elapsed = time.perf_counter() - t0
+    it.close()
+    return elapsed / steps
+
+
 def trainer_step_time(config: ml_collections.ConfigDict) -> float:
     """The summary's step time of a fresh `train_and_evaluate` run of `config`."""
     from experiments.lib import trainer
@@ -123,9 +150,9 @@ def trainer_step_time(config: ml_collections.ConfigDict) -> float:
         return trainer.train_and_evaluate(config, workdir)["step_time_s"]
 
 
-def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float]]]:
-    """(executor, bare s/step of each repeat, trainer s/step of each repeat); a repeat
-    times the bare loop and then the trainer, one after the other."""
+def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float], float]]:
+    """(executor, bare s/step of each repeat, trainer s/step of each repeat, data s/batch);
+    a repeat times the bare loop and then the trainer, one after the other."""
     from experiments.configs import validation
 
     rows = []
@@ -138,26 +165,26 @@ def measure(args: argparse.Namespace) -> list[tuple[str, list[float], list[float
                 bare.append(bare_step_time(config, args.log_every))
                 loop.append(trainer_step_time(config))
             per_call = validation.steps_per_call(config)
-            rows.append(
-                (f"{executor} ({per_call} steps/call)" if per_call > 1 else executor, bare, loop)
-            )
+            name = f"{executor} ({per_call} steps/call)" if per_call > 1 else executor
+            rows.append((name, bare, loop, data_time(config)))
     return rows
 
 
-def format_rows(rows: Sequence[tuple[str, list[float], list[float]]]) -> str:
+def format_rows(rows: Sequence[tuple[str, list[float], list[float], float]]) -> str:
     """Medians and minimums over the repeats (the minimum: the run the machine's other
-    load disturbed least), and each repeat's ratio."""
+    load disturbed least), each repeat's ratio, and the data thread's time per batch."""
     lines = [
         "| executor | bare ms/step (median, min) | trainer ms/step (median, min) | "
-        "trainer / bare (medians) | (minimums) | each repeat |",
-        "|---|---|---|---|---|---|",
+        "trainer / bare (medians) | (minimums) | each repeat | data ms/batch |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for executor, bare, loop in rows:
+    for executor, bare, loop, data_s in rows:
         b, t = statistics.median(bare), statistics.median(loop)
         each = ", ".join(f"{y / x:.2f}" for x, y in zip(bare, loop))
         lines.append(
             f"| {executor} | {b * 1e3:.1f}, {min(bare) * 1e3:.1f} | {t * 1e3:.1f}, "
-            f"{min(loop) * 1e3:.1f} | {t / b:.3f} | {min(loop) / min(bare):.3f} | {each} |"
+            f"{min(loop) * 1e3:.1f} | {t / b:.3f} | {min(loop) / min(bare):.3f} | {each} | "
+            f"{data_s * 1e3:.2f} |"
         )
     return "\n".join(lines)
 
