@@ -261,3 +261,27 @@ def test_a_finished_run_of_another_config_is_refused_untouched(trained, idx_dir,
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match="seed: checkpoint has 0"):
         trainer.train_and_evaluate(c, workdir)
     assert fx.tree_digest(workdir) == before
+
+
+def test_an_older_summary_gets_its_checkpoints_fingerprint(trained, idx_dir, tmp_path):
+    """A summary written before summaries recorded fingerprints (and held the workdir's
+    path) counts as finished only with its final checkpoint, and is then completed."""
+    import json
+    import shutil
+
+    workdir = str(tmp_path / "older")
+    shutil.copytree(trained, workdir)
+    path = os.path.join(workdir, trainer.SUMMARY_FILE)
+    with open(path) as f:
+        summary = json.load(f)
+    fingerprint = summary.pop("fingerprint")
+    with open(path, "w") as f:
+        json.dump({**summary, "workdir": "/elsewhere"}, f)
+    c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
+    c.final_eval_examples = summary["test_examples"]
+    ckpt = os.path.join(workdir, "checkpoints")
+    before = fx.tree_digest(ckpt)
+    assert trainer.train_and_evaluate(c, workdir)["test"] == summary["test"]
+    with open(path) as f:
+        assert json.load(f) == {**summary, "fingerprint": fingerprint}
+    assert fx.tree_digest(ckpt) == before

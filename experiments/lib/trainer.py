@@ -419,8 +419,10 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
         ckpts.close()
         raise
     if agreed(summary is not None and latest == steps, f"whether {workdir} is done"):
-        ckpts.close()  # finished before summaries recorded fingerprints
-        return OpenRun(*sources, finished=summary)
+        ckpts.close()  # finished before summaries recorded fingerprints: record the one
+        # its final checkpoint agrees on, and drop the path that older summaries held
+        record = {k: v for k, v in summary.items() if k != "workdir"}
+        return OpenRun(*sources, finished=_save_summary(workdir, {**record, "fingerprint": wanted}))
     return OpenRun(*sources, finished=None, ckpts=ckpts, latest=latest)
 
 
@@ -458,9 +460,9 @@ def read_finished(
 def _write_summary(
     workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
 ) -> dict[str, Any]:
-    """Adds timing to `summary` and writes WORKDIR/summary.json (process 0 of a
-    multi-process job); every process returns it with "workdir" added, which the file
-    leaves out so that it names no path of the machine that trained it."""
+    """Adds timing to `summary` and saves it; every process returns it with "workdir"
+    added, which the file leaves out so that it names no path of the machine that
+    trained it."""
     # A run resumed at its end keeps the step time and wall time it measured.
     previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
     if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
@@ -471,7 +473,13 @@ def _write_summary(
         "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
         "wall_time_s": wall_time + previous["wall_time_s"],
     }
-    if is_primary():  # whole or not at all: the other processes may read it next
+    return _save_summary(workdir, summary)
+
+
+def _save_summary(workdir: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Writes WORKDIR/summary.json (process 0), whole or not at all: the other processes
+    may read it next. Returns it with "workdir" added."""
+    if is_primary():
         path = os.path.join(workdir, SUMMARY_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
