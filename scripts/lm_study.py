@@ -2,12 +2,13 @@
 
     python scripts/lm_study.py list                  # every run and its command
     python scripts/lm_study.py run RUNS_DIR GROUP..  # train missing runs, in order
-    python scripts/lm_study.py table RUNS_DIR        # results.csv from the summaries
+    python scripts/lm_study.py table RUNS_DIR [OUT]  # results.csv from the summaries
     python scripts/lm_study.py figures RUNS_DIR      # the PNGs from metrics.jsonl
 
 A run is skipped when RUNS_DIR/NAME/summary.json exists, so `run` resumes; a run that
 was interrupted resumes from its latest checkpoint (experiments.train does that).
-Outputs go to docs/results/lm_last_rule/.
+Outputs go to docs/results/lm_last_rule/ (`table`: to OUT if given, for a later round of
+runs kept apart from the first).
 """
 
 from __future__ import annotations
@@ -199,16 +200,16 @@ def finished_runs(runs_dir: str) -> dict[str, dict]:
     return out
 
 
-def cmd_table(runs_dir: str) -> None:
-    """docs/results/lm_last_rule/results.csv: one row per finished run."""
-    os.makedirs(OUT, exist_ok=True)
+def cmd_table(runs_dir: str, out: str = OUT) -> None:
+    """OUT/results.csv and results.md (one row per finished run), curves.csv, norms.csv."""
+    os.makedirs(out, exist_ok=True)
     runs, specs = finished_runs(runs_dir), all_runs()
     group_of = {name: g for g, runs_ in GROUPS.items() for name in runs_}
     max_k = max((s["num_stages"] for s in runs.values()), default=1)
     aux = [f"aux{k}_loss" for k in range(max_k - 1)]
     header = ["run", "group", "strategy", "K", "seed", "steps", "test_loss", "test_ppl"]
     header += ["test_bits_per_byte", *aux, "step_time_s", "config_arg", "overrides"]
-    with open(os.path.join(OUT, "results.csv"), "w") as f:
+    with open(os.path.join(out, "results.csv"), "w") as f:
         f.write(",".join(header) + "\n")
         for name, s in runs.items():
             test, K = s["test"], s["num_stages"]
@@ -219,7 +220,7 @@ def cmd_table(runs_dir: str) -> None:
             row += [f"{test[f'aux/{k}/loss']:.4f}" if k < K - 1 else "" for k in range(max_k - 1)]
             row += [f"{s['step_time_s']:.3f}", f'"{arg}"', '"' + " ".join(overrides) + '"']
             f.write(",".join(str(x) for x in row) + "\n")
-    with open(os.path.join(OUT, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(
             "| run | strategy | K | seed | steps | test loss (final head) | perplexity "
             "| aux head losses | what differs from the config |\n"
@@ -234,20 +235,20 @@ def cmd_table(runs_dir: str) -> None:
                 f"| {name} | {s['strategy']} | {K} | {s['seed']} | {s['steps']} "
                 f"| {test['loss']:.3f} | {test['perplexity']:.2f} | {aux} | {diff} |\n"
             )
-    write_curves(runs_dir, list(runs))
-    print(f"{len(runs)} runs -> {OUT}: results.csv, results.md, curves.csv, norms.csv")
+    write_curves(runs_dir, list(runs), out)
+    print(f"{len(runs)} runs -> {out}: results.csv, results.md, curves.csv, norms.csv")
 
 
 CURVE_METRICS = ("loss", "aux/{k}/loss", "grad_norm/{k}", "update_norm/{k}", "param_norm/{k}")
 
 
-def write_curves(runs_dir: str, names: list[str], every: int = 10) -> None:
-    """curves.csv: every run's train metrics every `every` steps (run,step,metric,value);
+def write_curves(runs_dir: str, names: list[str], out: str, every: int = 10) -> None:
+    """OUT/curves.csv: every run's train metrics every `every` steps (run,step,metric,value);
     norms.csv: per run and stage, the mean grad and update norms over steps 101..300
     (101..200 for runs shorter than 400 steps) and the final parameter norm."""
     with (
-        open(os.path.join(OUT, "curves.csv"), "w") as curves,
-        open(os.path.join(OUT, "norms.csv"), "w") as norms,
+        open(os.path.join(out, "curves.csv"), "w") as curves,
+        open(os.path.join(out, "norms.csv"), "w") as norms,
     ):
         curves.write("run,step,metric,value\n")
         norms.write("run,stage,steps,mean_grad_norm,mean_update_norm,final_param_norm\n")
@@ -483,7 +484,7 @@ def main(argv: list[str]) -> None:
     elif what == "run":
         cmd_run(argv[2], argv[3:])
     elif what == "table":
-        cmd_table(argv[2])
+        cmd_table(*argv[2:4])
     elif what == "figures":
         cmd_figures(argv[2])
     else:
