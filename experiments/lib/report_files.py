@@ -121,7 +121,28 @@ def render_markdown(
 ) -> tuple[str, str]:
     """(the per-strategy table and ranking, which `compare` prints; all of results.md)."""
     metric, K = summaries[0]["metric"], summaries[0]["num_stages"]
-    s0 = summaries[0]
+    summary = f"{_strategy_table(rows, metric, K)}\n\n{_ranking(rows, metric)}"
+    return summary, "\n".join(
+        [
+            f"# {config.name}: strategies compared",
+            "",
+            _preamble(rows, summaries[0], config, target),
+            "",
+            summary,
+            "",
+            "## Predicted throughput",
+            "",
+            render_predictions(rows, K),
+            "",
+            "## Runs",
+            "",
+            _runs_table(summaries, metric),
+            "",
+        ]
+    )
+
+
+def _strategy_table(rows: list[dict], metric: str, K: int) -> str:
     aux_metric = aux_metrics(metric)[-1]
     head = [
         "strategy",
@@ -142,11 +163,18 @@ def render_markdown(
             f"| {aux} | {r['step_time_ms_mean']:.0f} | {r['pred_vs_e2e_split_M1']:.2f} "
             f"| {_vs_pipeline(r)} | {_time_to_target(r)} |"
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _ranking(rows: list[dict], metric: str) -> str:
     better = (lambda v: -v) if metric == "perplexity" else (lambda v: v)
     ranked = sorted(rows, key=lambda r: -better(r[f"test_{metric}_mean"]))
     ranking = " > ".join(r["strategy"] for r in ranked)
     gaps = [_gap(a, b, metric) for a, b in itertools.pairwise(ranked)]
+    return f"Ranking by mean test {metric}: {ranking}; " + "; ".join(gaps) + "."
+
+
+def _runs_table(summaries: list[dict], metric: str) -> str:
     runs = [
         "| strategy | seed | test " + metric + " | step time (ms) | wall (s) |",
         "|---|---|---|---|---|",
@@ -156,38 +184,28 @@ def render_markdown(
             f"| {s['strategy']} | {s['seed']} | {s['test'][metric]:.4f} "
             f"| {1e3 * s['step_time_s']:.0f} | {s['wall_time_s']:.0f} |"
         )
-    summary = f"{table}\n\nRanking by mean test {metric}: {ranking}; " + "; ".join(gaps) + "."
-    return summary, "\n".join(
-        [
-            f"# {config.name}: strategies compared",
-            "",
-            f"K={K} stages, {s0['steps']} steps of batch {config.batch_size}, "
-            f"{_seed_counts(rows)} seeds; final numbers on all {s0['test_examples']} "
-            "test examples. std: sample standard deviation over seeds. Step time: median "
-            "of one single-program step on this machine (all stages in one jit; noisy on a "
-            f"shared machine). aux {aux_metric}: each aux head's test {aux_metric}, mean "
-            "over seeds. "
-            "pred.: the schedule model fed with each stage's op costs (XLA cost analysis "
-            f"of this model's per-stage ops on {costs.DEFAULT_HARDWARE.name}), one device per "
-            f"stage, M={config.microbatches}: throughput relative to e2e with split "
-            "backward at M = 1, and to the fastest e2e pipeline (1F1B or zero-bubble split "
-            "backward, M ≤ 16) whose activation memory per device does not exceed the "
-            f"strategy's. Time to target: predicted wall-clock until {target.describe()}, "
-            "per seed (mean ± std; seeds that reached it / all). The curves use the first "
-            f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "
-            "steps; their last point is the final evaluation.",
-            "",
-            summary,
-            "",
-            "## Predicted throughput",
-            "",
-            render_predictions(rows, K),
-            "",
-            "## Runs",
-            "",
-            "\n".join(runs),
-            "",
-        ]
+    return "\n".join(runs)
+
+
+def _preamble(rows: list[dict], s0: dict, config, target: QualityTarget) -> str:
+    """What the tables hold and how each column was measured or predicted."""
+    aux_metric = aux_metrics(s0["metric"])[-1]
+    return (
+        f"K={s0['num_stages']} stages, {s0['steps']} steps of batch {config.batch_size}, "
+        f"{_seed_counts(rows)} seeds; final numbers on all {s0['test_examples']} "
+        "test examples. std: sample standard deviation over seeds. Step time: median "
+        "of one single-program step on this machine (all stages in one jit; noisy on a "
+        f"shared machine). aux {aux_metric}: each aux head's test {aux_metric}, mean "
+        "over seeds. "
+        "pred.: the schedule model fed with each stage's op costs (XLA cost analysis "
+        f"of this model's per-stage ops on {costs.DEFAULT_HARDWARE.name}), one device per "
+        f"stage, M={config.microbatches}: throughput relative to e2e with split "
+        "backward at M = 1, and to the fastest e2e pipeline (1F1B or zero-bubble split "
+        "backward, M ≤ 16) whose activation memory per device does not exceed the "
+        f"strategy's. Time to target: predicted wall-clock until {target.describe()}, "
+        "per seed (mean ± std; seeds that reached it / all). The curves use the first "
+        f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "
+        "steps; their last point is the final evaluation."
     )
 
 
