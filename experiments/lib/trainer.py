@@ -340,14 +340,9 @@ def train_and_evaluate(
         return finished
     info = train_src.info
     built = builders.build(config, info)
-    ex, K, T = built.executor, built.model.num_stages, int(config.num_train_steps)
+    K, T = built.model.num_stages, int(config.num_train_steps)
     it, state, start = _start(config, built, train_src, ckpts, latest)
-    if is_primary():
-        if start:
-            print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
+    _record_config(config, workdir, start)
     text = info.kind == "text"
     writer = MetricWriter(workdir, enabled=is_primary())
     end = T if stop_after is None else min(T, int(stop_after))
@@ -362,11 +357,7 @@ def train_and_evaluate(
         if end < T:
             return {"stopped_at": end, "workdir": workdir}
         bar.close()
-        final = evaluate(
-            built.eval_step, ex.to_train_state(state), final_src, int(config.eval_batch_size),
-            mesh=built.mesh, desc="final eval", progress=not bar.disable, text=text,
-        )  # fmt: skip
-        final = with_bits_per_byte(final, info.token_bytes)
+        final = _final_evaluation(config, built, state, final_src, progress=not bar.disable)
         writer.write("eval", T, final)
         writer.write("final", T, final)
     finally:
@@ -394,6 +385,33 @@ class OpenRun(NamedTuple):
     finished: dict[str, Any] | None
     ckpts: Checkpoints | None = None
     latest: int | None = None
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str, start: int) -> None:
+    """Writes WORKDIR/config.json (process 0) and says where a resumed run starts."""
+    if not is_primary():
+        return
+    if start:
+        print(f"Resuming {workdir} from step {start}.", file=sys.stderr)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _final_evaluation(
+    config: ml_collections.ConfigDict,
+    built: builders.Built,
+    state: Any,
+    final_src: Any,
+    progress: bool,
+) -> dict[str, float]:
+    """Every head's metrics on all of `final_src` (with bits per byte for byte text)."""
+    info = final_src.info
+    final = evaluate(
+        built.eval_step, built.executor.to_train_state(state), final_src,
+        int(config.eval_batch_size), mesh=built.mesh, desc="final eval", progress=progress,
+        text=info.kind == "text",
+    )  # fmt: skip
+    return with_bits_per_byte(final, info.token_bytes)
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
