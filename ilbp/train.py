@@ -157,6 +157,23 @@ def _data_size(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 
+def _update_stages(
+    optimizers: list, ts: TrainState, grads: list, metrics: Metrics
+) -> tuple[tuple, tuple]:
+    """(new params, new optimizer states) of every stage, each by its own optimizer;
+    adds each stage's grad, update and parameter norms to `metrics`."""
+    params, opt_state = [], []
+    for k, tx in enumerate(optimizers):
+        p, opt = apply_gradients(tx, ts.params[k], ts.opt_state[k], grads[k])
+        params.append(p)
+        opt_state.append(opt)
+        metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
+        change = jax.tree.map(jnp.subtract, p["stage"], ts.params[k]["stage"])
+        metrics[f"update_norm/{k}"] = optax.tree.norm(change)
+        metrics[f"param_norm/{k}"] = optax.tree.norm(p["stage"])
+    return tuple(params), tuple(opt_state)
+
+
 def make_train_step(
     model: StagedModel,
     strategy: Strategy,
@@ -200,16 +217,8 @@ def make_train_step(
             microbatches,
             grads_like=trained_params(ts.params, plan),
         )
-        params, opt_state = [], []
-        for k, tx in enumerate(optimizers):
-            p, opt = apply_gradients(tx, ts.params[k], ts.opt_state[k], grads[k])
-            params.append(p)
-            opt_state.append(opt)
-            metrics[f"grad_norm/{k}"] = optax.tree.norm(grads[k]["stage"])
-            change = jax.tree.map(jnp.subtract, p["stage"], ts.params[k]["stage"])
-            metrics[f"update_norm/{k}"] = optax.tree.norm(change)
-            metrics[f"param_norm/{k}"] = optax.tree.norm(params[k]["stage"])
-        new = TrainState(ts.step + 1, tuple(params), new_state, tuple(opt_state), ts.rng)
+        params, opt_state = _update_stages(optimizers, ts, grads, metrics)
+        new = TrainState(ts.step + 1, params, new_state, opt_state, ts.rng)
         return new, metrics
 
     shardings: dict[str, Any] = {}
