@@ -61,9 +61,23 @@ def test_compare_writes_results(idx_dir, tmp_path):
         report.compare(_config(idx_dir, "k=2"), str(tmp_path))
     c = _config(idx_dir)
     c.optimizer.learning_rate = 0.05
-    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="learning_rate: checkpo"):
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="learning_rate: finished"):
         report.compare(c, str(tmp_path))
     assert fx.tree_digest(str(tmp_path)) == before
+
+    # As committed (run records, no checkpoints): reported again without training, and
+    # the same refusal, read from the finished runs' summaries.
+    import shutil
+
+    for strategy in ("global", "pairwise"):
+        for seed in ("seed0", "seed1"):
+            shutil.rmtree(tmp_path / strategy / seed / "checkpoints")
+    runs_before = fx.tree_digest(str(tmp_path / "pairwise"))
+    assert report.compare(_config(idx_dir), str(tmp_path))[0] == table
+    assert fx.tree_digest(str(tmp_path / "pairwise")) == runs_before
+    refused = checkpoints.IncompatibleCheckpointError
+    with pytest.raises(refused, match="learning_rate: finished run has"):
+        report.compare(c, str(tmp_path))
 
 
 def test_quality_target():

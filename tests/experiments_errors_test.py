@@ -258,7 +258,7 @@ def test_a_finished_run_of_another_config_is_refused_untouched(trained, idx_dir,
     workdir, c = _committed_copy(trained, str(tmp_path / "committed"), idx_dir)
     before = fx.tree_digest(workdir)
     c.seed = 7
-    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="seed: checkpoint has 0"):
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match="seed: finished run has 0"):
         trainer.train_and_evaluate(c, workdir)
     assert fx.tree_digest(workdir) == before
 

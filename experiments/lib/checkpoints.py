@@ -77,9 +77,11 @@ _WHY = {
 }
 
 
-def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(each difference between a checkpoint's fingerprint and the config's, naming the
-    field and both values; the fields the checkpoint does not record).
+def fingerprint_diff(
+    saved: dict[str, Any], wanted: dict[str, Any], holder: str = "checkpoint"
+) -> tuple[list[str], list[str]]:
+    """(each difference between a checkpoint's fingerprint (or another `holder`'s) and
+    the config's, naming the field and both values; the fields it does not record).
 
     A checkpoint written before a field was recorded is not refused for it: the field
     is listed as unchecked instead.
@@ -93,14 +95,14 @@ def fingerprint_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> tuple[lis
         if a == b:
             continue
         if key == "num_stages":
-            diffs.append(f"checkpoint has K={a} stages, config asks for K={b}")
+            diffs.append(f"{holder} has K={a} stages, config asks for K={b}")
         elif isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
                     old, new = a.get(sub), b.get(sub)
-                    diffs.append(f"{key}.{sub}: checkpoint has {old!r}, config asks for {new!r}")
+                    diffs.append(f"{key}.{sub}: {holder} has {old!r}, config asks for {new!r}")
         else:
-            diffs.append(f"{key}: checkpoint has {a!r}, config asks for {b!r}{_WHY.get(key, '')}")
+            diffs.append(f"{key}: {holder} has {a!r}, config asks for {b!r}{_WHY.get(key, '')}")
     return diffs, unrecorded
 
 

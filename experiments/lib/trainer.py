@@ -462,7 +462,7 @@ def read_finished(
         return None
     with open(path) as f:
         summary = json.load(f)
-    diffs, _ = fingerprint_diff(summary.get("fingerprint", wanted), wanted)
+    diffs, _ = fingerprint_diff(summary.get("fingerprint", wanted), wanted, "finished run")
     if diffs:
         raise IncompatibleCheckpointError(
             f"{path} records a finished run of another config ({'; '.join(diffs)}). Use "
