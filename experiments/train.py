@@ -18,7 +18,8 @@ from ml_collections import config_flags
 from experiments.lib import distributed
 from experiments.lib.checkpoints import ExperimentError
 from experiments.lib.cli import parse_flags
-from experiments.lib.trainer import format_summary, train_and_evaluate
+from experiments.lib.records import format_summary
+from experiments.lib.trainer import train_and_evaluate
 from ilbp.data import DataMissingError
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments.lib import checkpoints, trainer
+from experiments.lib import checkpoints, records, trainer
 from ilbp.data import DataMissingError
 from tests import experiments_fixtures as fx
 
@@ -200,7 +200,7 @@ def test_corrupt_checkpoint_is_reported_untouched(trained, idx_dir, tmp_path, pa
 
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained, workdir)
-    os.remove(os.path.join(workdir, trainer.SUMMARY_FILE))  # else it is read back, not step 2
+    os.remove(os.path.join(workdir, records.SUMMARY_FILE))  # else it is read back, not step 2
     step_dir = os.path.join(workdir, "checkpoints", "2", part)
     for root, _, files in os.walk(step_dir):
         for name in files:
@@ -221,7 +221,7 @@ def test_a_finished_run_is_not_overwritten(trained, idx_dir):
     before = fx.tree_digest(trained)
     c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
     summary = trainer.train_and_evaluate(c, trained)
-    with open(os.path.join(trained, trainer.SUMMARY_FILE)) as f:
+    with open(os.path.join(trained, records.SUMMARY_FILE)) as f:
         assert {**json.load(f), "workdir": summary["workdir"]} == summary  # file names no path
     assert summary["resumed_from"] == 0 and math.isfinite(summary["step_time_s"])
     assert fx.tree_digest(trained) == before
@@ -241,7 +241,7 @@ def _committed_copy(trained: str, workdir: str, idx_dir: str):
 
     shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
     c = fx.tiny_image_config(f"idx:{idx_dir}", "pairwise,k=3")
-    with open(os.path.join(workdir, trainer.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, records.SUMMARY_FILE)) as f:
         c.final_eval_examples = json.load(f)["test_examples"]  # another test may change it
     return workdir, c
 
@@ -271,7 +271,7 @@ def test_an_older_summary_gets_its_checkpoints_fingerprint(trained, idx_dir, tmp
 
     workdir = str(tmp_path / "older")
     shutil.copytree(trained, workdir)
-    path = os.path.join(workdir, trainer.SUMMARY_FILE)
+    path = os.path.join(workdir, records.SUMMARY_FILE)
     with open(path) as f:
         summary = json.load(f)
     fingerprint = summary.pop("fingerprint")

@@ -18,6 +18,7 @@ import pytest
 from experiments.configs import cifar10_resnet, cifar100_resnet, imagenet_resnet50, lm1b_transformer
 from experiments.lib import builders, datasets, trainer
 from experiments.lib.metrics import read_metrics
+from experiments.lib.records import format_summary
 from tests import experiments_fixtures as fx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def _check_run(workdir, summary, K, metric="accuracy"):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["1", "2"]
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["test"] == summary["test"]
-    assert "aux head 0" in trainer.format_summary(summary)
+    assert "aux head 0" in format_summary(summary)
 
 
 def test_fashion_mnist_family_two_steps(idx_dir, tmp_path):

@@ -27,7 +27,7 @@ from typing import Any
 import ml_collections
 
 from experiments.configs import validation
-from experiments.lib import datasets, models, optim, trainer
+from experiments.lib import datasets, models, optim, records, trainer
 from experiments.lib.checkpoints import Checkpoints, prepare_workdir
 from experiments.lib.distributed import agreed, is_primary
 from experiments.lib.metrics import with_bits_per_byte
@@ -99,7 +99,7 @@ def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.Da
     any of them creates one."""
     for c in runs:
         directory = run_dir(workdir, c)
-        trainer.read_finished(directory, trainer.fingerprint(c, info), int(c.num_train_steps))
+        records.read_finished(directory, trainer.fingerprint(c, info), int(c.num_train_steps))
         found = os.path.isdir(os.path.join(directory, "checkpoints"))
         if not agreed(found, f"whether {directory} has checkpoints"):
             continue
@@ -262,7 +262,7 @@ def compare(
     for c in runs[index::count]:
         if finished_only:
             fp, steps = trainer.fingerprint(c, train.info), int(c.num_train_steps)
-            summary = trainer.read_finished(run_dir(workdir, c), fp, steps)
+            summary = records.read_finished(run_dir(workdir, c), fp, steps)
             if summary is None:
                 unfinished.append(f"{models.build_strategy(c).name} seed {c.seed}")
                 continue
@@ -270,7 +270,7 @@ def compare(
             continue
         summary = trainer.train_and_evaluate(c, run_dir(workdir, c))
         if is_primary():
-            print(trainer.format_summary(summary), flush=True)
+            print(records.format_summary(summary), flush=True)
         summaries.append(summary)
     if count > 1 or not is_primary():
         return None

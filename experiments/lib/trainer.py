@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,12 +39,11 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.configs import validation
-from experiments.lib import builders, datasets, models, optim
+from experiments.lib import builders, datasets, models, optim, records
 from experiments.lib.checkpoints import (
     Checkpoints,
     ExperimentError,
     IncompatibleCheckpointError,
-    fingerprint_diff,
     prepare_workdir,
 )
 from experiments.lib.checkpoints import NonFiniteLossError as NonFiniteLossError  # raised here
@@ -54,8 +52,6 @@ from experiments.lib.loop import DeviceBatches, NonFiniteWatch, fetch
 from experiments.lib.metrics import MetricWriter, Prefix, evaluate, with_bits_per_byte
 from ilbp import data
 from ilbp.mesh import global_batch, process_batch_shard
-
-SUMMARY_FILE = "summary.json"
 
 
 def fingerprint(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> dict[str, Any]:
@@ -371,7 +367,7 @@ def train_and_evaluate(
         "test_examples": len(final_src), "metric": "perplexity" if text else "accuracy",
         "test": final, "fingerprint": fingerprint(config, info),
     }  # fmt: skip
-    return _write_summary(workdir, summary, loop.step_times, time.perf_counter() - wall)
+    return records.write_summary(workdir, summary, loop.step_times, time.perf_counter() - wall)
 
 
 class OpenRun(NamedTuple):
@@ -417,7 +413,7 @@ def _final_evaluation(
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
     """Checks `config`, reads its data, then opens `workdir` and its checkpoints, in
     that order, so that bad input fails before any file is written; a finished run
-    (`read_finished`) opens no checkpoints."""
+    (`records.read_finished`) opens no checkpoints."""
     validation.validate(config)
     train_src = datasets.build_data(config, "train")
     test_src = datasets.build_data(config, "test")
@@ -426,7 +422,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
     final_src = Prefix(test_src, final_examples) if final_examples else test_src
     workdir = prepare_workdir(workdir)
     wanted, steps = fingerprint(config, train_src.info), int(config.num_train_steps)
-    summary = read_finished(workdir, wanted, steps, len(final_src))
+    summary = records.read_finished(workdir, wanted, steps, len(final_src))
     sources = (workdir, train_src, test_src, final_src)
     if agreed(summary is not None and "fingerprint" in summary, f"whether {workdir} is done"):
         return OpenRun(*sources, finished=summary)
@@ -440,90 +436,6 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> OpenRun:
         ckpts.close()  # finished before summaries recorded fingerprints: record the one
         # its final checkpoint agrees on, and drop the path that older summaries held
         record = {k: v for k, v in summary.items() if k != "workdir"}
-        return OpenRun(*sources, finished=_save_summary(workdir, {**record, "fingerprint": wanted}))
+        summary = records.save_summary(workdir, {**record, "fingerprint": wanted})
+        return OpenRun(*sources, finished=summary)
     return OpenRun(*sources, finished=None, ckpts=ckpts, latest=latest)
-
-
-def read_finished(
-    workdir: str, wanted: dict[str, Any], steps: int, test_examples: int | None = None
-) -> dict[str, Any] | None:
-    """WORKDIR/summary.json if it records a finished run of the config whose fingerprint
-    is `wanted` (all its `steps`, and its final evaluation on `test_examples` examples
-    unless None), else None; the summary's "workdir" is WORKDIR.
-
-    A summary records its config's fingerprint, so a finished run is recognised from the
-    summary alone (checkpoints are not committed with results); one written before
-    summaries recorded fingerprints is returned as is, for the caller to check against
-    the checkpoint. IncompatibleCheckpointError if the summary is of another config:
-    training there would overwrite a finished run's results.
-    """
-    path = os.path.join(workdir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        summary = json.load(f)
-    diffs, _ = fingerprint_diff(summary.get("fingerprint", wanted), wanted, "finished run")
-    if diffs:
-        raise IncompatibleCheckpointError(
-            f"{path} records a finished run of another config ({'; '.join(diffs)}). Use "
-            "another --workdir, or move that run away to train this config there."
-        )
-    if summary.get("steps") != steps or (
-        test_examples is not None and summary.get("test_examples") != test_examples
-    ):
-        return None
-    return {**summary, "workdir": workdir}
-
-
-def _write_summary(
-    workdir: str, summary: dict[str, Any], step_times: list[float], wall_time: float
-) -> dict[str, Any]:
-    """Adds timing to `summary` and saves it; every process returns it with "workdir"
-    added, which the file leaves out so that it names no path of the machine that
-    trained it."""
-    # A run resumed at its end keeps the step time and wall time it measured.
-    previous = {"step_time_s": float("nan"), "wall_time_s": 0.0}
-    if not step_times and os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
-        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-            previous.update({k: v for k, v in json.load(f).items() if k in previous})
-    summary = {
-        **summary,
-        "step_time_s": statistics.median(step_times) if step_times else previous["step_time_s"],
-        "wall_time_s": wall_time + previous["wall_time_s"],
-    }
-    return _save_summary(workdir, summary)
-
-
-def _save_summary(workdir: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """Writes WORKDIR/summary.json (process 0), whole or not at all: the other processes
-    may read it next. Returns it with "workdir" added."""
-    if is_primary():
-        path = os.path.join(workdir, SUMMARY_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
-    return {**summary, "workdir": workdir}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A few lines for the console: final test metrics of every head and timing."""
-    test, K = summary["test"], summary["num_stages"]
-    metric = summary["metric"]
-    lines = [
-        f"{summary['name']} | {summary['strategy']} | K={K} | seed {summary['seed']} | "
-        f"{summary['steps']} steps | {summary['test_examples']} test examples",
-        f"  final head: {metric} {test[metric]:.4f}"
-        + (f", accuracy {test['accuracy']:.4f}" if metric != "accuracy" else "")
-        + f", loss {test['loss']:.4f}"
-        + (f", {test['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in test else ""),
-    ]
-    for k in range(K - 1):
-        lines.append(
-            f"  aux head {k}: accuracy {test[f'aux/{k}/accuracy']:.4f}, "
-            f"loss {test[f'aux/{k}/loss']:.4f}"
-        )
-    lines.append(
-        f"  step time {summary['step_time_s'] * 1e3:.1f} ms (median), "
-        f"wall {summary['wall_time_s']:.1f} s, workdir {summary['workdir']}"
-    )
-    return "\n".join(lines)
