@@ -123,15 +123,9 @@ def data_time(config: ml_collections.ConfigDict) -> float:
     """Seconds per batch of the trainer's batch iterator (same source, augmentation,
     microbatch split and read threads) over the run's steps, after its first batch."""
     from experiments.lib import builders, datasets, trainer
-    from ilbp import data
 
     src = datasets.build_data(config, "train")
-    _, _, microbatches = trainer.train_shard(config, builders.build(config, src.info).executor)
-    augment = datasets.train_augment(config, src.info)
-    it = data.batches(
-        src, int(config.batch_size), seed=int(config.seed), augment=augment,
-        microbatches=microbatches,
-    )  # fmt: skip
+    it = trainer.batch_iterator(config, builders.build(config, src.info).executor, src)
     next(it)  # starts the read threads
     steps = int(config.num_train_steps) - 1
     t0 = time.perf_counter()

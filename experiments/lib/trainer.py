@@ -280,6 +280,23 @@ def train_shard(config: ml_collections.ConfigDict, ex: Any) -> tuple[int, int, i
     return 0, 1, 1
 
 
+def batch_iterator(
+    config: ml_collections.ConfigDict, ex: Any, train_src: Any
+) -> data.BatchIterator:
+    """This process's training batches: its shard, the config's augmentation, and the
+    microbatch split the executor needs (see `train_shard`)."""
+    index, count, microbatches = train_shard(config, ex)
+    return data.batches(
+        train_src,
+        int(config.batch_size),
+        seed=int(config.seed),
+        augment=datasets.train_augment(config, train_src.info),
+        process_index=index,
+        process_count=count,
+        microbatches=microbatches,
+    )
+
+
 def _start(
     config: ml_collections.ConfigDict,
     built: builders.Built,
@@ -289,17 +306,9 @@ def _start(
 ) -> tuple[data.BatchIterator, Any, int]:
     """(this process's batch iterator, executor state, first step): the initial state,
     or checkpoint `latest` with the iterator moved to its data step."""
-    ex, info = built.executor, train_src.info
-    index, count, microbatches = train_shard(config, ex)
-    it = data.batches(
-        train_src,
-        int(config.batch_size),
-        seed=int(config.seed),
-        augment=datasets.train_augment(config, info),
-        process_index=index,
-        process_count=count,
-        microbatches=microbatches,
-    )
+    ex = built.executor
+    it = batch_iterator(config, ex, train_src)
+    _, count, _ = train_shard(config, ex)
     first = it.batch_at(0)
     if config.executor == "spmd":  # its init checks the global batch's split; the
         # parameters depend on the example shapes only
