@@ -336,69 +336,91 @@ def list_schedule(ops: Sequence[Op], num_devices: int, priority: str = "sends_fi
     time per device, earliest start, ties broken by `priority` (see module docstring)."""
     if priority not in _RANK:
         raise ValueError(f"Unknown priority {priority!r}; choose one of {PRIORITIES}.")
-    users: dict[int, list[tuple[Op, float]]] = {id(op): [] for op in ops}
-    missing: dict[int, int] = {}
-    for op in ops:
-        missing[id(op)] = len(op.deps)
-        for d, lat in op.deps:
-            users[id(d)].append((op, lat))
-    ready_at: dict[int, tuple[float, Op | None]] = {}  # op → (time, dep that set it)
-    pending: list[list[Op]] = [[] for _ in range(num_devices)]  # inputs done, not started
-    for op in ops:
-        if not op.deps:
-            ready_at[id(op)] = (0.0, None)
-            pending[op.stage].append(op)
-    free_at = [0.0] * num_devices
-    last_on: list[Op | None] = [None] * num_devices
-    running: list[tuple[float, int, Op]] = []  # heap of (end, seq, op)
-    seq, done, now = 0, 0, 0.0
-    while done < len(ops):
+    run = _ListScheduler(ops, num_devices, priority)
+    while run.done < len(ops):
         # Start what can start now; zero-cost ops may make more ready at the same time.
-        progress = True
-        while progress:
-            progress = False
-            while running and running[0][0] <= now + _EPS:
-                _, _, op = heapq.heappop(running)
-                done += 1
-                for u, lat in users[id(op)]:
-                    t_ready = op.end + lat
-                    prev = ready_at.get(id(u))
-                    if prev is None or t_ready > prev[0]:
-                        ready_at[id(u)] = (t_ready, op)
-                    missing[id(u)] -= 1
-                    if missing[id(u)] == 0:
-                        pending[u.stage].append(u)
-                progress = True
-            for dev in range(num_devices):
-                if free_at[dev] > now + _EPS:
-                    continue
-                cands = [o for o in pending[dev] if ready_at[id(o)][0] <= now + _EPS]
-                if not cands:
-                    continue
-                op = min(cands, key=lambda o: _priority_key(o, priority))
-                pending[dev].remove(op)
-                t_ready, dep = ready_at[id(op)]
-                # Exact times: `now` may trail an input's end by rounding (_EPS).
-                op.start = max(now, t_ready, free_at[dev])
-                op.end = op.start + op.cost
-                # It waited for its device if the device freed after the inputs arrived.
-                prev_op = last_on[dev]
-                device_bound = prev_op is not None and prev_op.end > t_ready + _EPS
-                op.binding = prev_op if device_bound else dep
-                free_at[dev], last_on[dev] = op.end, op
-                heapq.heappush(running, (op.end, seq, op))
-                seq += 1
-                progress = True
-        if done == len(ops):
-            break
-        upcoming = [e for e, _, _ in running[:1]]
+        while run.finish_due() | run.start_ready():
+            pass
+        if run.done < len(ops):
+            run.now = run.next_event()
+
+
+class _ListScheduler:
+    """The state of `list_schedule`: what waits, what runs, and when devices free up."""
+
+    def __init__(self, ops: Sequence[Op], num_devices: int, priority: str):
+        self.priority = priority
+        self.users: dict[int, list[tuple[Op, float]]] = {id(op): [] for op in ops}
+        self.missing: dict[int, int] = {}  # op → inputs not yet done
+        for op in ops:
+            self.missing[id(op)] = len(op.deps)
+            for d, lat in op.deps:
+                self.users[id(d)].append((op, lat))
+        self.ready_at: dict[int, tuple[float, Op | None]] = {}  # op → (time, dep that set it)
+        self.pending: list[list[Op]] = [[] for _ in range(num_devices)]  # inputs done
+        for op in ops:
+            if not op.deps:
+                self.ready_at[id(op)] = (0.0, None)
+                self.pending[op.stage].append(op)
+        self.free_at = [0.0] * num_devices
+        self.last_on: list[Op | None] = [None] * num_devices
+        self.running: list[tuple[float, int, Op]] = []  # heap of (end, seq, op)
+        self.seq, self.done, self.now = 0, 0, 0.0
+
+    def finish_due(self) -> bool:
+        """Ends the ops that end by `now` and readies their users; True if any ended."""
+        ended = False
+        while self.running and self.running[0][0] <= self.now + _EPS:
+            _, _, op = heapq.heappop(self.running)
+            self.done += 1
+            for u, lat in self.users[id(op)]:
+                t_ready = op.end + lat
+                prev = self.ready_at.get(id(u))
+                if prev is None or t_ready > prev[0]:
+                    self.ready_at[id(u)] = (t_ready, op)
+                self.missing[id(u)] -= 1
+                if self.missing[id(u)] == 0:
+                    self.pending[u.stage].append(u)
+            ended = True
+        return ended
+
+    def start_ready(self) -> bool:
+        """Starts, on every idle device, its best op whose inputs have arrived by `now`;
+        True if any started."""
+        started = False
+        for dev, pending in enumerate(self.pending):
+            if self.free_at[dev] > self.now + _EPS:
+                continue
+            cands = [o for o in pending if self.ready_at[id(o)][0] <= self.now + _EPS]
+            if cands:
+                self._start(min(cands, key=lambda o: _priority_key(o, self.priority)), dev)
+                started = True
+        return started
+
+    def _start(self, op: Op, dev: int) -> None:
+        self.pending[dev].remove(op)
+        t_ready, dep = self.ready_at[id(op)]
+        # Exact times: `now` may trail an input's end by rounding (_EPS).
+        op.start = max(self.now, t_ready, self.free_at[dev])
+        op.end = op.start + op.cost
+        # It waited for its device if the device freed after the inputs arrived.
+        prev_op = self.last_on[dev]
+        device_bound = prev_op is not None and prev_op.end > t_ready + _EPS
+        op.binding = prev_op if device_bound else dep
+        self.free_at[dev], self.last_on[dev] = op.end, op
+        heapq.heappush(self.running, (op.end, self.seq, op))
+        self.seq += 1
+
+    def next_event(self) -> float:
+        """The next time an op ends or a pending op's input arrives on an idle device."""
+        upcoming = [e for e, _, _ in self.running[:1]]
         upcoming += [
-            ready_at[id(o)][0]
-            for dev in range(num_devices)
-            if free_at[dev] <= now + _EPS
-            for o in pending[dev]
+            self.ready_at[id(o)][0]
+            for dev, pending in enumerate(self.pending)
+            if self.free_at[dev] <= self.now + _EPS
+            for o in pending
         ]
-        upcoming = [x for x in upcoming if x > now + _EPS]
+        upcoming = [x for x in upcoming if x > self.now + _EPS]
         if not upcoming:
             raise RuntimeError("Schedule deadlocked: the op graph has a cycle.")
-        now = min(upcoming)
+        return min(upcoming)

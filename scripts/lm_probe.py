@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,91 +78,133 @@ def _norm(a) -> float:
     return float(np.sqrt(sum(float(jnp.vdot(x, x)) for x in jax.tree.leaves(a))))
 
 
-def probe_run(runs_dir: str, name: str, out) -> None:
-    name, _, only = name.partition("@")
-    steps = {int(s) for s in only.split(",") if s}
+class _Restored(NamedTuple):
+    """A run directory opened for probing: its config, model and a state template."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    built: builders.Built
+    batch: dict  # a fixed training batch (batch_size windows)
+    template: Any  # TrainState to restore checkpoints into
+
+
+def open_run(runs_dir: str, name: str, batch_size: int = 8, seed: int = 0) -> _Restored:
+    """Builds RUNS_DIR/NAME's model from its config.json, with a training batch."""
     workdir = os.path.join(runs_dir, name)
     config = load_config(workdir)
     train_src = datasets.build_data(config, "train")
     built = builders.build(config, train_src.info)
-    model, K = built.model, built.model.num_stages
-    batch = data.batches(train_src, PROBE_BATCH, seed=PROBE_SEED).batch_at(0)
+    batch = data.batches(train_src, batch_size, seed=seed).batch_at(0)
     batch = jax.tree.map(jnp.asarray, batch)
     template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
-    tx = optim.build_optimizer(config)
-    per_window = {
-        n: jax.jit(lambda p, s, b, n=n: ilbp.grads(model, ilbp.Strategy(n), p, s, b)[0])
-        for n in range(1, K + 1)
-    }
-    rule = jax.jit(lambda p, s, b: ilbp.grads(model, built.strategy, p, s, b)[0])
+    return _Restored(workdir, config, built, batch, template)
 
-    @jax.jit
-    def activations(params, state, batch):
-        hs, h = [], batch[model.input_key]
-        for k, stage in enumerate(model.stages[:-1]):
+
+class _Probes:
+    """The jitted probes of one model on one fixed batch (module docstring)."""
+
+    def __init__(self, run: _Restored):
+        model, batch = run.built.model, run.batch
+        self.model, self.batch, self.K = model, batch, model.num_stages
+        self.per_window = {
+            n: jax.jit(lambda p, s, b, n=n: ilbp.grads(model, ilbp.Strategy(n), p, s, b)[0])
+            for n in range(1, self.K + 1)
+        }
+        self.rule = jax.jit(lambda p, s, b: ilbp.grads(model, run.built.strategy, p, s, b)[0])
+        self.activations = jax.jit(self._activations)
+        self.scale_slopes = jax.jit(self._scale_slopes)
+
+    def _activations(self, params, state, batch) -> list[jax.Array]:
+        hs, h = [], batch[self.model.input_key]
+        for k, stage in enumerate(self.model.stages[:-1]):
             h, _ = stage.apply(params[k]["stage"], state[k]["stage"], h, None, False)
             hs.append(h)
         return hs
 
-    @jax.jit
-    def scale_slopes(params, state, batch):
+    def _losses_after(self, params, state, batch, k: int, h: jax.Array) -> dict[int, jax.Array]:
+        """L_j for j > k computed from stage k's output h."""
+        model, out = self.model, {}
+        for j in range(k + 1, self.K):
+            h, _ = model.stages[j].apply(params[j]["stage"], state[j]["stage"], h, None, False)
+            logits = h
+            if j < self.K - 1:
+                logits, _ = model.heads[j].apply(
+                    params[j]["head"], state[j]["head"], h, None, False
+                )
+            out[j] = model.head_loss(j)(logits, batch)[0]
+        return out
+
+    def _scale_slopes(self, params, state, batch) -> dict[int, dict[int, jax.Array]]:
         """d L_j / d c at c = 1 with h_k replaced by c·h_k, for k < K - 1 and j > k."""
-        loss = lambda j, logits: model.head_loss(j)(logits, batch)[0]
-
-        def losses_after(k, c, h):
-            out, h = {}, c * h
-            for j in range(k + 1, K):
-                h, _ = model.stages[j].apply(params[j]["stage"], state[j]["stage"], h, None, False)
-                logits = h
-                if j < K - 1:
-                    logits, _ = model.heads[j].apply(
-                        params[j]["head"], state[j]["head"], h, None, False
-                    )
-                out[j] = loss(j, logits)
-            return out
-
-        hs = activations(params, state, batch)
+        hs = self._activations(params, state, batch)
         return {
-            k: jax.jacfwd(lambda c, k=k: losses_after(k, c, hs[k]))(jnp.float32(1.0))
-            for k in range(K - 1)
+            k: jax.jacfwd(lambda c, k=k: self._losses_after(params, state, batch, k, c * hs[k]))(
+                jnp.float32(1.0)
+            )
+            for k in range(self.K - 1)
         }
 
-    def emit(step, kind, k, j, value):
-        out.write(f"{name},{step},{kind},{k},{j},{value:.6g}\n")
-        out.flush()
 
-    for step, ts in checkpoints(workdir, template, steps):
-        g = {n: fn(ts.params, ts.state, batch) for n, fn in per_window.items()}
-        grad_of = lambda k, j, g=g: g[min(j - k + 1, K)][k]["stage"]  # ∂L_j/∂θ_k
-        g_rule = rule(ts.params, ts.state, batch)
-        updates = [tx.update(g_rule[k], ts.opt_state[k], ts.params[k])[0] for k in range(K)]
-        base = built.eval_step(ts, batch)
-        loss_name = lambda j: "loss" if j == K - 1 else f"aux/{j}/loss"
-        for k in range(K):
-            u = updates[k]["stage"]
-            emit(step, "update_norm", k, -1, _norm(u))
-            one = list(ts.params)
-            one[k] = optax.apply_updates(ts.params[k], updates[k])
-            moved = built.eval_step(ts.replace(params=tuple(one)), batch)
-            for j in range(k, K):
-                emit(step, "grad_norm", k, j, _norm(grad_of(k, j)))
-                emit(step, "cos_update", k, j, _cos(u, jax.tree.map(jnp.negative, grad_of(k, j))))
-                emit(step, "cos_grad_global", k, j, _cos(grad_of(k, j), grad_of(k, K - 1)))
-            for j in range(K):
-                emit(step, "dloss", k, j, float(moved[loss_name(j)] - base[loss_name(j)]))
-        hs = activations(ts.params, ts.state, batch)
-        for k, h in enumerate(hs):
-            emit(step, "act_rms", k, -1, float(jnp.sqrt(jnp.mean(h**2))))
-            # Share of h_k's energy in the one vector common to every token and position.
-            common = jnp.sum(jnp.mean(h, axis=(0, 1)) ** 2) / jnp.mean(jnp.sum(h**2, -1))
-            emit(step, "common_share", k, -1, float(common))
-            if k:
-                emit(step, "delta_rms", k, -1, float(jnp.sqrt(jnp.mean((h - hs[k - 1]) ** 2))))
-        for k, slopes in scale_slopes(ts.params, ts.state, batch).items():
-            for j, slope in slopes.items():
-                emit(step, "scale_slope", k, j, float(slope))
+def _loss_name(j: int, K: int) -> str:
+    return "loss" if j == K - 1 else f"aux/{j}/loss"
+
+
+def _emit_updates(probes: _Probes, run: _Restored, ts, emit) -> dict:
+    """Gradient and update norms, their cosines, and each stage's step's effect;
+    returns the batch's metrics before any step."""
+    K, tx = probes.K, optim.build_optimizer(run.config)
+    g = {n: fn(ts.params, ts.state, run.batch) for n, fn in probes.per_window.items()}
+    grad_of = lambda k, j: g[min(j - k + 1, K)][k]["stage"]  # ∂L_j/∂θ_k
+    g_rule = probes.rule(ts.params, ts.state, run.batch)
+    base = run.built.eval_step(ts, run.batch)
+    loss_name = lambda j: _loss_name(j, K)
+    for k in range(K):
+        update = tx.update(g_rule[k], ts.opt_state[k], ts.params[k])[0]
+        u = update["stage"]
+        emit("update_norm", k, -1, _norm(u))
+        one = list(ts.params)
+        one[k] = optax.apply_updates(ts.params[k], update)
+        moved = run.built.eval_step(ts.replace(params=tuple(one)), run.batch)
+        for j in range(k, K):
+            emit("grad_norm", k, j, _norm(grad_of(k, j)))
+            emit("cos_update", k, j, _cos(u, jax.tree.map(jnp.negative, grad_of(k, j))))
+            emit("cos_grad_global", k, j, _cos(grad_of(k, j), grad_of(k, K - 1)))
         for j in range(K):
-            emit(step, "loss", -1, j, float(base[loss_name(j)]))
+            emit("dloss", k, j, float(moved[loss_name(j)] - base[loss_name(j)]))
+    return base
+
+
+def _emit_activations(probes: _Probes, ts, emit) -> None:
+    """Every stage output's rms, its common share, what each stage adds, and the slopes."""
+    hs = probes.activations(ts.params, ts.state, probes.batch)
+    for k, h in enumerate(hs):
+        emit("act_rms", k, -1, float(jnp.sqrt(jnp.mean(h**2))))
+        # Share of h_k's energy in the one vector common to every token and position.
+        common = jnp.sum(jnp.mean(h, axis=(0, 1)) ** 2) / jnp.mean(jnp.sum(h**2, -1))
+        emit("common_share", k, -1, float(common))
+        if k:
+            emit("delta_rms", k, -1, float(jnp.sqrt(jnp.mean((h - hs[k - 1]) ** 2))))
+    for k, slopes in probes.scale_slopes(ts.params, ts.state, probes.batch).items():
+        for j, slope in slopes.items():
+            emit("scale_slope", k, j, float(slope))
+
+
+def probe_run(runs_dir: str, spec: str, out) -> None:
+    """Writes the CSV rows of every probe for the checkpoints of SPEC = NAME[@STEPS]."""
+    name, _, only = spec.partition("@")
+    steps = {int(s) for s in only.split(",") if s}
+    run = open_run(runs_dir, name, PROBE_BATCH, PROBE_SEED)
+    probes = _Probes(run)
+    for step, ts in checkpoints(run.workdir, run.template, steps):
+
+        def emit(kind, k, j, value, step=step):
+            out.write(f"{name},{step},{kind},{k},{j},{value:.6g}\n")
+            out.flush()
+
+        base = _emit_updates(probes, run, ts, emit)
+        _emit_activations(probes, ts, emit)
+        for j in range(probes.K):
+            emit("loss", -1, j, float(base[_loss_name(j, probes.K)]))
         print(f"{name} step {step} done", file=sys.stderr, flush=True)
 
 
@@ -169,32 +212,23 @@ def final_eval(runs_dir: str, name: str, examples: int) -> None:
     """Writes RUNS_DIR/NAME/final_{examples}.json: the last checkpoint's test metrics."""
     from experiments.lib.metrics import Prefix, evaluate
 
-    workdir = os.path.join(runs_dir, name)
-    config = load_config(workdir)
-    train_src, test_src = (datasets.build_data(config, split) for split in ("train", "test"))
-    built = builders.build(config, train_src.info)
-    batch = jax.tree.map(jnp.asarray, data.batches(train_src, 8, seed=0).batch_at(0))
-    template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
-    *_, (step, ts) = checkpoints(workdir, template)
+    run = open_run(runs_dir, name)
+    test_src = datasets.build_data(run.config, "test")
+    *_, (step, ts) = checkpoints(run.workdir, run.template)
     metrics = evaluate(
-        built.eval_step, ts, Prefix(test_src, examples), int(config.eval_batch_size),
+        run.built.eval_step, ts, Prefix(test_src, examples), int(run.config.eval_batch_size),
         progress=False, text=True,
     )  # fmt: skip
-    with open(os.path.join(workdir, f"final_{examples}.json"), "w") as f:
+    with open(os.path.join(run.workdir, f"final_{examples}.json"), "w") as f:
         json.dump({"step": step, "test_examples": examples, "test": metrics}, f, indent=2)
 
 
 def leaf_norms(runs_dir: str, spec: str, out) -> None:
     """Rows run,step,stage,parameter,norm: every stage parameter's norm per checkpoint."""
     name, _, only = spec.partition("@")
-    workdir = os.path.join(runs_dir, name)
-    config = load_config(workdir)
-    train_src = datasets.build_data(config, "train")
-    built = builders.build(config, train_src.info)
-    batch = jax.tree.map(jnp.asarray, data.batches(train_src, 8, seed=0).batch_at(0))
-    template = built.executor.to_train_state(built.executor.init(jax.random.PRNGKey(0), batch))
+    run = open_run(runs_dir, name)
     steps = {int(s) for s in only.split(",") if s}
-    for step, ts in checkpoints(workdir, template, steps):
+    for step, ts in checkpoints(run.workdir, run.template, steps):
         for k, p in enumerate(ts.params):
             for path, leaf in jax.tree_util.tree_leaves_with_path(p["stage"]):
                 key = "/".join(str(getattr(e, "key", e)) for e in path)

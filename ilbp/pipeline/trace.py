@@ -103,6 +103,60 @@ class MeasuredOp:
         return op_name(self.kind, self.step, self.microbatch, self.stage, self.loss)
 
 
+_Issued = tuple[OpKind, int, int, int | None, int, float, float]  # kind, k, m, loss, t, when, gap
+
+
+class _Recorder:
+    """Issue times from the executor's trace hook; completion times from one watcher
+    thread per stage, which blocks on that stage's outputs in issue order."""
+
+    def __init__(self, num_stages: int):
+        self.issued: list[_Issued] = []
+        self.completed: list[float] = []  # per issued op; filled in by the watchers
+        self.errors: list[BaseException] = []
+        self.queues = [queue.SimpleQueue() for _ in range(num_stages)]
+        self.watchers = [
+            threading.Thread(target=self._watch, args=(q,), name=f"ilbp-trace-{k}", daemon=True)
+            for k, q in enumerate(self.queues)
+        ]
+        self.step = 0  # the step being issued
+        self.t0 = self.last = 0.0
+
+    def _watch(self, q: queue.SimpleQueue) -> None:
+        while (item := q.get()) is not None:
+            i, outputs = item
+            try:
+                jax.block_until_ready(outputs)
+            except BaseException as e:  # re-raised on the caller's thread
+                self.errors.append(e)
+            self.completed[i] = time.perf_counter()
+
+    def start(self) -> None:
+        for w in self.watchers:
+            w.start()
+        self.t0 = self.last = time.perf_counter()  # t = 0: the first step's call
+
+    def trace(self, kind: OpKind, k: int, m: int, loss: int | None, _: int, outputs: Any) -> None:
+        """The executor's hook, called right after each op's dispatch returns."""
+        now = time.perf_counter()
+        self.issued.append((kind, k, m, loss, self.step, now, now - self.last))
+        self.completed.append(float("nan"))
+        self.queues[k].put((len(self.issued) - 1, outputs))
+        self.last = now
+
+    def stop(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        for w in self.watchers:
+            w.join()
+
+    def in_ms(self) -> tuple[list[_Issued], list[float]]:
+        """The issued ops and completions with host seconds turned into ms from t0."""
+        ms = lambda s: (s - self.t0) * 1e3
+        issued = [(*op, ms(when), gap * 1e3) for *op, when, gap in self.issued]
+        return issued, [ms(c) for c in self.completed]
+
+
 def record_timeline(
     executor: MPMDExecutor,
     state: MPMDState,
@@ -121,61 +175,26 @@ def record_timeline(
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1; got {steps!r}.")
-    K = executor.model.num_stages
-    issued: list[tuple[OpKind, int, int, int | None, int, float, float]] = []
-    completed: list[float] = []  # per issued op; filled in by the watchers
-    errors: list[BaseException] = []
-    queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(K)]
-
-    def watch(q: queue.SimpleQueue) -> None:
-        while (item := q.get()) is not None:
-            i, outputs = item
-            try:
-                jax.block_until_ready(outputs)
-            except BaseException as e:  # re-raised on the caller's thread
-                errors.append(e)
-            completed[i] = time.perf_counter()
-
-    watchers = [
-        threading.Thread(target=watch, args=(q,), name=f"ilbp-trace-{k}", daemon=True)
-        for k, q in enumerate(queues)
-    ]
+    recorder = _Recorder(executor.model.num_stages)
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(switch_interval)
-    for w in watchers:
-        w.start()
-    t0 = last = time.perf_counter()  # t = 0: the first step's call
-    t = 0  # the step being issued, read by `trace`
-
-    def trace(kind: OpKind, k: int, m: int, loss: int | None, _: int, outputs: Any) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        issued.append((kind, k, m, loss, t, now, now - last))
-        completed.append(float("nan"))
-        queues[k].put((len(issued) - 1, outputs))
-        last = now
-
+    recorder.start()
     try:
         for i in range(steps):
-            t, last = i, time.perf_counter()
-            state, _ = executor.step(state, batch, trace=trace)
+            recorder.step, recorder.last = i, time.perf_counter()
+            state, _ = executor.step(state, batch, trace=recorder.trace)
     finally:
-        for q in queues:
-            q.put(None)
-        for w in watchers:
-            w.join()
+        recorder.stop()
         sys.setswitchinterval(old_interval)
-    if errors:
-        raise errors[0]
-    # Host seconds to ms from t0.
-    issued = [(*op, (when - t0) * 1e3, gap * 1e3) for *op, when, gap in issued]
-    return state, _derive(executor, steps, issued, [(c - t0) * 1e3 for c in completed])
+    if recorder.errors:
+        raise recorder.errors[0]
+    return state, _derive(executor, steps, *recorder.in_ms())
 
 
 def _derive(
     executor: MPMDExecutor,
     steps: int,
-    issued: Sequence[tuple[OpKind, int, int, int | None, int, float, float]],
+    issued: Sequence[_Issued],
     completed: Sequence[float],
 ) -> list[MeasuredOp]:
     """Ends tightened through dependents, starts from issue, device order and deps."""
