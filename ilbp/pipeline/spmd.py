@@ -37,7 +37,8 @@ from ilbp.checks import (
 from ilbp.engine import Metrics, loss_metrics
 from ilbp.mesh import DATA_AXIS, STAGE_AXIS, make_mesh, process_batch_shard
 from ilbp.pipeline.homogeneous import check_homogeneous
-from ilbp.pipeline.spmd_clock import Clock, stage_program
+from ilbp.pipeline.spmd_clock import stage_program
+from ilbp.pipeline.spmd_ticks import Clock
 from ilbp.stage import Batch, StagedModel
 from ilbp.strategy import Strategy
 from ilbp.train import Optimizer, TrainState, init_train_state, per_stage_optimizers

@@ -42,269 +42,16 @@ though its list has K - 1 lanes, mostly NaN).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ilbp.losses import loss_count
 from ilbp.mesh import STAGE_AXIS
-from ilbp.stage import BODY, HEAD, PROLOGUE, Batch, HomogeneousStages, Params, StagedModel
-from ilbp.strategy import Strategy
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Clock:
-    """The tick schedule of `strategy` on K stages with M microbatches per step.
-
-    Attributes:
-      lanes: n_ = min(n, K), the length of a stage's cotangent list.
-      reach: i*(k) per stage, the farthest loss it trains on (relative to k).
-      coef: K × n_ coefficients c_{k,i} of ∂L_{k+i}/∂h_k in stage k's parameter VJP.
-      weights: per stage, the weight of its head's loss (1 for the final loss).
-      heads: per stage, whether its head runs: every stage's, or without aux heads (e2e)
-        only the last stage's (its output layer).
-      send_lanes: K × width lanes each stage sends back, padded with the unused lane n_-1.
-      slots: S, residual buffer slots per stage (a microbatch's residuals live 2 i* ticks).
-      period: P = M + 2 max_k i*(k), ticks per step per stage.
-      drain: ticks of one step run alone, M + max_k(k + 2 i*(k)).
-    """
-
-    num_stages: int
-    microbatches: int
-    lanes: int
-    reach: tuple[int, ...]
-    coef: np.ndarray
-    weights: np.ndarray
-    heads: np.ndarray
-    send_lanes: np.ndarray
-    slots: int
-    period: int
-    drain: int
-
-    @classmethod
-    def of(cls, strategy: Strategy, num_stages: int, microbatches: int) -> Clock:
-        K, M = num_stages, microbatches
-        plan = strategy.plan(K)
-        lanes = min(strategy.window, K)
-        reach = tuple(max(j - k for j, _ in plan[k].train_on) for k in range(K))
-        coef = np.array(
-            [[plan.coefficient(k, k + i) for i in range(lanes)] for k in range(K)], np.float32
-        )
-        weights = np.array([strategy.aux_weight(k) for k in range(K - 1)] + [1.0], np.float32)
-        sends = [[j - k for j in plan[k].sends] for k in range(K)]
-        width = max(len(x) for x in sends)
-        send_lanes = np.array(
-            [x + [lanes - 1] * (width - len(x)) for x in sends], np.int32
-        ).reshape(K, width)
-        return cls(
-            num_stages=K,
-            microbatches=M,
-            lanes=lanes,
-            reach=reach,
-            coef=coef,
-            weights=weights,
-            heads=np.array([plan.aux_heads or k == K - 1 for k in range(K)]),
-            send_lanes=send_lanes,
-            slots=2 * max(reach) + 1,
-            period=M + 2 * max(reach),
-            drain=M + max(k + 2 * r for k, r in enumerate(reach)),
-        )
-
-    def ticks(self, num_steps: int) -> int:
-        """Clock ticks of T = num_steps steps in one program."""
-        return (num_steps - 1) * self.period + self.drain
-
-
-def _where(mask, tree, fill):
-    return jax.tree.map(lambda x: jnp.where(mask, x, jnp.asarray(fill, x.dtype)), tree)
-
-
-def _nan_like(proto, *lead: int) -> jax.Array:
-    """NaN (0 for integer dtypes) of proto's shape, with leading axes `lead`."""
-    fill = jnp.nan if jnp.issubdtype(proto.dtype, jnp.floating) else 0
-    return jnp.full((*lead, *proto.shape), fill, proto.dtype)
-
-
-def _zeros(tree: Any) -> Any:
-    return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _trunk(params: Params) -> Params:
-    """The parameters a stage's forward uses: prologue and body (not the head)."""
-    return {PROLOGUE: params[PROLOGUE], BODY: params[BODY]}
-
-
-def _forward(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, tokens) -> jax.Array:
-    h0 = hom.prologue(trunk[PROLOGUE], tokens)
-    x = jnp.where(k == 0, h0, x_in)  # stage 0 starts from its embedding
-    return hom.body(trunk[BODY], x)
-
-
-def _forward_vjp(hom: HomogeneousStages, k: jax.Array, trunk: Params, x_in, tokens):
-    """(h_k, the VJP of h_k with respect to (trunk, x_in))."""
-    return jax.vjp(lambda p, x: _forward(hom, k, p, x, tokens), trunk, x_in)
-
-
-@flax.struct.dataclass
-class Carry:
-    """What stage k carries from one clock tick to the next (h: the shape of one
-    microbatch's activation h_k; S slots, n_ lanes as in `Clock`).
-
-    Attributes:
-      params, opt_state: θ_k in the uniform layout, and its optimizer state.
-      x_in: h, the activation received from stage k - 1 at the last tick.
-      cot_in: (n_ - 1) × h, lanes 1..n_-1 of the cotangent list received from stage k + 1
-        (0 × h when n_ = 1).
-      res: per VJP residual, S × ...: a microbatch's residuals in slot u mod S.
-      cots: S × n_ × h, the cotangent lists buffered by their microbatch's slot.
-      grads, hgrads: the trunk's and the head's gradient sums over the step's microbatches.
-      sums: per step (T), the sums of loss and loss_fn over microbatches, and the gradient
-        and parameter norms at the step's update.
-    """
-
-    params: Params
-    opt_state: Any
-    x_in: jax.Array
-    cot_in: jax.Array
-    res: list[jax.Array]
-    cots: jax.Array
-    grads: Params
-    hgrads: Params
-    sums: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Stage:
-    """Stage k's constants inside the program (built by `of`, inside `jax.shard_map`).
-
-    split: T × M × b × ... microbatches; reach, coef, weight, has_head: stage k's row of
-    the clock's; counts: T × M `loss_count`s of the microbatches when they are
-    token-weighted (M > 1 and the batch has weights), else None (`ilbp.train`'s rule);
-    h: one activation's shape; res_protos/res_treedef: its forward VJP's residuals.
-    """
-
-    clock: Clock
-    model: StagedModel
-    hom: HomogeneousStages
-    tx: optax.GradientTransformation
-    split: Batch
-    k: jax.Array
-    reach: jax.Array
-    coef: jax.Array
-    weight: jax.Array
-    has_head: jax.Array
-    counts: jax.Array | None
-    h: jax.ShapeDtypeStruct
-    res_protos: list[jax.ShapeDtypeStruct]
-    res_treedef: Any
-
-    @classmethod
-    def of(cls, clock, model, tx, params0: Params, split: Batch) -> _Stage:
-        k = jax.lax.axis_index(STAGE_AXIS)
-        hom = model.homogeneous
-        tokens0 = split[model.input_key][0, 0]
-        h = jax.eval_shape(lambda: _forward(hom, k, _trunk(params0), jnp.zeros(()), tokens0))
-        zeros_h = jnp.zeros(h.shape, h.dtype)
-        _, vjp_proto = jax.eval_shape(
-            lambda: _forward_vjp(hom, k, _trunk(params0), zeros_h, tokens0)
-        )
-        res_protos, res_treedef = jax.tree.flatten(vjp_proto)
-        counts = None
-        if clock.microbatches > 1 and loss_count(split) is not None:
-            counts = jax.vmap(jax.vmap(loss_count))(split)  # over every data shard
-        return cls(
-            clock=clock,
-            model=model,
-            hom=hom,
-            tx=tx,
-            split=split,
-            k=k,
-            reach=jnp.asarray(clock.reach)[k],
-            coef=jnp.asarray(clock.coef)[k],
-            weight=jnp.asarray(clock.weights)[k],
-            has_head=jnp.asarray(clock.heads)[k],
-            counts=counts,
-            h=h,
-            res_protos=res_protos,
-            res_treedef=res_treedef,
-        )
-
-    @property
-    def num_steps(self) -> int:
-        return jax.tree.leaves(self.split)[0].shape[0]
-
-    def microbatch(self, s: jax.Array, m: jax.Array) -> Batch:
-        """Microbatch m of step s (indices clipped into range: bubbles read a real one)."""
-        T, M = self.num_steps, self.clock.microbatches
-        return jax.tree.map(lambda x: x[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)], self.split)
-
-    def weighted(self, s: jax.Array, m: jax.Array, tree: Any) -> Any:
-        """Microbatch m of step s's contribution to a sum: its count × tree if token-
-        weighted, else tree (then sums are divided by M)."""
-        if self.counts is None:
-            return tree
-        T, M = self.num_steps, self.clock.microbatches
-        count = self.counts[jnp.clip(s, 0, T - 1), jnp.clip(m, 0, M - 1)]
-        return jax.tree.map(lambda x: count.astype(x.dtype) * x, tree)
-
-    def step_divisor(self, s: jax.Array) -> jax.Array | int:
-        """What step s's sums are divided by to be the full batch's means."""
-        if self.counts is None:
-            return self.clock.microbatches
-        return jnp.maximum(jnp.sum(self.counts[s], -1), 1.0)
-
-    def forward_vjp(self, trunk: Params, x_in: jax.Array, s: jax.Array, m: jax.Array):
-        tokens = self.microbatch(s, m)[self.model.input_key]
-        return _forward_vjp(self.hom, self.k, trunk, x_in, tokens)
-
-    def vjp(self, res: list[jax.Array], slot: jax.Array, cotangent: jax.Array):
-        """(∂trunk, ∂x_in) of the forward whose residuals are in `slot`."""
-        return jax.tree.unflatten(self.res_treedef, [r[slot] for r in res])(cotangent)
-
-    def head_loss(self, p_head: Params, h: jax.Array, batch: Batch):
-        """(w_k L_k, (L_k, loss_fn metrics)): the aux loss on k < K - 1, the model's on K - 1."""
-        model, K = self.model, self.clock.num_stages
-        logits = self.hom.head(p_head, h)
-        aux_loss = model.head_loss(0)  # the aux heads' loss
-        loss, m = model.loss(logits, batch)
-        if aux_loss is not model.loss:  # both are cheap next to the head: no branch
-            pick = lambda final, aux: jnp.where(self.k == K - 1, final, aux)
-            loss, m = jax.tree.map(pick, (loss, m), aux_loss(logits, batch))
-        return self.weight * loss, (loss, m)
-
-    def norm(self, tree: Params) -> jax.Array:
-        """The norm of θ_k as the single program sees it (its head slot is θ_{K-1}'s
-        output layer; the prologue is stage 0's only)."""
-        k, K = self.k, self.clock.num_stages
-
-        def sq(t):
-            return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
-
-        total = sq(tree[BODY]) + jnp.where(k == 0, sq(_where(k == 0, tree[PROLOGUE], 0)), 0)
-        return jnp.sqrt(total + jnp.where(k == K - 1, sq(tree[HEAD]), 0))
-
-    def update(self, params, opt_state, grads, hgrads, s):
-        """Step s's mean gradient; padding slots get zero gradient and stay NaN. A head
-        that does not run (e2e) gets zero gradient and keeps its parameters, as
-        `ilbp.train.apply_gradients` does."""
-        k, M = self.k, self.clock.microbatches
-        grads = {PROLOGUE: grads[PROLOGUE], BODY: grads[BODY], HEAD: hgrads}
-        if M > 1:
-            divisor = self.step_divisor(s)
-            grads = jax.tree.map(lambda g: g / jnp.asarray(divisor, g.dtype), grads)
-        grads[PROLOGUE] = _where(k == 0, grads[PROLOGUE], 0)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        new = optax.apply_updates(params, updates)
-        new[PROLOGUE] = _where(k == 0, new[PROLOGUE], jnp.nan)
-        keep = lambda a, b: jnp.where(self.has_head, a, b)
-        new[HEAD] = jax.tree.map(keep, new[HEAD], params[HEAD])
-        change = jax.tree.map(jnp.subtract, new, params)
-        return new, opt_state, self.norm(grads), self.norm(change), self.norm(new)
+from ilbp.pipeline.spmd_stage import Carry, StageContext, nan_like, trunk_params, zeros_tree
+from ilbp.pipeline.spmd_ticks import Clock
+from ilbp.stage import HEAD, Batch, Params, StagedModel
 
 
 class _Tick(NamedTuple):
@@ -317,7 +64,7 @@ class _Tick(NamedTuple):
     forwards: jax.Array  # it forwards microbatch q of step s (and runs its head)
 
     @classmethod
-    def of(cls, stage: _Stage, tau: jax.Array) -> _Tick:
+    def of(cls, stage: StageContext, tau: jax.Array) -> _Tick:
         P_, M = stage.clock.period, stage.clock.microbatches
         u = tau - stage.k
         s = jnp.floor_divide(u, P_)
@@ -339,22 +86,22 @@ class _Lanes(NamedTuple):
 # it had run on NaN; the masks keep it out of every sum.
 
 
-def _forward_step(st: _Stage, c: Carry, t: _Tick) -> tuple[Carry, jax.Array]:
+def _forward_step(st: StageContext, c: Carry, t: _Tick) -> tuple[Carry, jax.Array]:
     """1. Forward microbatch q of step s; its VJP residuals go to slot u mod S. Returns h."""
 
     def forward(x_in):
-        h, vjp_fn = st.forward_vjp(_trunk(c.params), x_in, t.s, t.q)
+        h, vjp_fn = st.forward_vjp(trunk_params(c.params), x_in, t.s, t.q)
         return h, jax.tree.leaves(vjp_fn)
 
     def bubble(_):
-        return _nan_like(st.h), [_nan_like(r) for r in st.res_protos]
+        return nan_like(st.h), [nan_like(r) for r in st.res_protos]
 
     h, leaves = jax.lax.cond(t.forwards, forward, bubble, c.x_in)
     res = [r.at[t.u % st.clock.slots].set(x) for r, x in zip(c.res, leaves)]
     return c.replace(res=res), h
 
 
-def _head_step(st: _Stage, c: Carry, t: _Tick, h: jax.Array) -> tuple[Carry, jax.Array]:
+def _head_step(st: StageContext, c: Carry, t: _Tick, h: jax.Array) -> tuple[Carry, jax.Array]:
     """2. The head on h (if stage k has one: not the aux heads of e2e): loss and metrics
     into the step's sums, ∂φ_k into hgrads. Returns ∂(w_k L_k)/∂h_k, lane 0 of the
     cotangent list (NaN without a head)."""
@@ -379,7 +126,7 @@ def _head_step(st: _Stage, c: Carry, t: _Tick, h: jax.Array) -> tuple[Carry, jax
     return c.replace(hgrads=hgrads, sums=sums), dh
 
 
-def _cotangent_list(st: _Stage, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carry, _Lanes]:
+def _cotangent_list(st: StageContext, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carry, _Lanes]:
     """3. The list [dh, received lanes], buffered per microbatch slot."""
     K, M, S, n_ = st.clock.num_stages, st.clock.microbatches, st.clock.slots, st.clock.lanes
     lane = jnp.arange(n_)
@@ -393,7 +140,7 @@ def _cotangent_list(st: _Stage, c: Carry, t: _Tick, dh: jax.Array) -> tuple[Carr
     return c.replace(cots=cots), _Lanes(slot_N, valid_N, list_N)
 
 
-def _send_input_vjps(st: _Stage, c: Carry, lanes: _Lanes) -> Carry:
+def _send_input_vjps(st: StageContext, c: Carry, lanes: _Lanes) -> Carry:
     """4. Input VJPs of the lanes the plan sends back, sent left as lanes i + 1: only
     the `send_lanes` rows travel; the receiver puts them at their lanes (NaN elsewhere)."""
     clock, K = st.clock, st.clock.num_stages
@@ -405,16 +152,16 @@ def _send_input_vjps(st: _Stage, c: Carry, lanes: _Lanes) -> Carry:
     dx = jax.lax.cond(
         jnp.any(lanes.valid[send]),
         lambda: jax.vmap(lambda s, g: st.vjp(c.res, s, g)[1])(lanes.slot[send], lanes.cot[send]),
-        lambda: _nan_like(st.h, width),
+        lambda: nan_like(st.h, width),
     )
     received = jax.lax.ppermute(dx, STAGE_AXIS, [(j + 1, j) for j in range(K - 1)])
     # Stage k + 1's lane i is lane i + 1 here; padding lanes (n_ - 1) fall off the end.
     # (The last stage receives nothing: its lanes i ≥ 1 are masked as losses past K.)
     here = send_lanes[jnp.minimum(st.k + 1, K - 1)]
-    return c.replace(cot_in=_nan_like(c.cot_in).at[here].set(received, mode="drop"))
+    return c.replace(cot_in=nan_like(c.cot_in).at[here].set(received, mode="drop"))
 
 
-def _parameter_vjp(st: _Stage, c: Carry, t: _Tick) -> Carry:
+def _parameter_vjp(st: StageContext, c: Carry, t: _Tick) -> Carry:
     """5. One parameter VJP on Σ_i c_{k,i} ∂L_{k+i}/∂h_k for microbatch q - 2 i*(k)."""
     M, S, n_ = st.clock.microbatches, st.clock.slots, st.clock.lanes
     q_w = t.q - 2 * st.reach
@@ -436,7 +183,7 @@ def _parameter_vjp(st: _Stage, c: Carry, t: _Tick) -> Carry:
     return c.replace(grads=grads)
 
 
-def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
+def _update_at_step_end(st: StageContext, c: Carry, t: _Tick) -> Carry:
     """6. After its last parameter VJP of step s, stage k updates θ_k, φ_k and restarts
     its gradient sums."""
 
@@ -449,7 +196,7 @@ def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
             "update_norm": sums["update_norm"].at[t.s].set(u_norm),
             "param_norm": sums["param_norm"].at[t.s].set(p_norm),
         }
-        return params, opt_state, _zeros(grads), _zeros(hgrads), sums
+        return params, opt_state, zeros_tree(grads), zeros_tree(hgrads), sums
 
     last = t.live & (t.q == st.clock.microbatches - 1 + 2 * st.reach)
     args = (c.params, c.opt_state, c.grads, c.hgrads, c.sums)
@@ -457,7 +204,7 @@ def _update_at_step_end(st: _Stage, c: Carry, t: _Tick) -> Carry:
     return c.replace(params=params, opt_state=opt_state, grads=grads, hgrads=hgrads, sums=sums)
 
 
-def _tick(st: _Stage, tau: jax.Array, c: Carry) -> Carry:
+def _tick(st: StageContext, tau: jax.Array, c: Carry) -> Carry:
     """One clock tick of stage k: steps 1-7 of the module docstring."""
     t = _Tick.of(st, tau)
     c, h = _forward_step(st, c, t)
@@ -472,7 +219,7 @@ def _tick(st: _Stage, tau: jax.Array, c: Carry) -> Carry:
     return c.replace(x_in=x_next)
 
 
-def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
+def _initial_carry(st: StageContext, params: Params, opt_state: Any) -> Carry:
     """Buffers NaN until written (a backward reading an unwritten slot fails); sums zero."""
     T, S, n_, h = st.num_steps, st.clock.slots, st.clock.lanes, st.h
     per_step = lambda x: jnp.zeros((T, *x.shape), x.dtype)
@@ -488,12 +235,12 @@ def _initial_carry(st: _Stage, params: Params, opt_state: Any) -> Carry:
     return Carry(
         params=params,
         opt_state=opt_state,
-        x_in=_nan_like(h),
-        cot_in=_nan_like(h, n_ - 1),
-        res=[_nan_like(r, S) for r in st.res_protos],
-        cots=_nan_like(h, S, n_),
-        grads=_zeros(_trunk(params)),
-        hgrads=_zeros(params[HEAD]),
+        x_in=nan_like(h),
+        cot_in=nan_like(h, n_ - 1),
+        res=[nan_like(r, S) for r in st.res_protos],
+        cots=nan_like(h, S, n_),
+        grads=zeros_tree(trunk_params(params)),
+        hgrads=zeros_tree(params[HEAD]),
         sums=sums,
     )
 
@@ -515,7 +262,7 @@ def stage_program(
     """
     params = jax.tree.map(lambda x: x[0], params_1)
     opt_state = jax.tree.map(lambda x: x[0], opt_1)
-    st = _Stage.of(clock, model, tx, params, split)
+    st = StageContext.of(clock, model, tx, params, split)
     carry = _initial_carry(st, params, opt_state)
     tick = lambda tau, c: _tick(st, tau, c)
     carry = jax.lax.fori_loop(0, clock.ticks(st.num_steps), tick, carry)
