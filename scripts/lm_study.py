@@ -48,6 +48,7 @@ def _run(
 OPT = "--config.optimizer."
 SGD = (OPT + "name=sgd", LR + "0.1")  # momentum 0.9, same warmup, cosine and clipping
 L8 = "--config.model.num_layers=8"
+BLOCK_HEAD = "--config.model.aux_head=block_norm_unembed"  # a pre-LN block, LN, unembedding
 GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     "core": {
         "global": _run("global,k=4", steps=400),
@@ -87,11 +88,14 @@ GROUPS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "pairwise_aux3": _run("pairwise,k=4", "--config.aux_weight=3"),
     },
     "heads": {
-        "pairwise_head_block": _run("pairwise,k=4", "--config.model.aux_head=block_norm_unembed"),
+        "pairwise_head_block": _run("pairwise,k=4", BLOCK_HEAD),
         "pairwise_sum_head_unembed": _run(
             "pairwise,k=4,combine=sum", "--config.model.aux_head=unembed"
         ),
         "local_head_unembed": _run("local,k=4", "--config.model.aux_head=unembed"),
+        "pairwise_head_block_seed1": _run("pairwise,k=4", BLOCK_HEAD, SEED1),
+        "local_head_block": _run("local,k=4", BLOCK_HEAD),
+        "3wise_head_block": _run("3wise,k=4", BLOCK_HEAD),
     },
     "dtype": {
         "pairwise_bf16": _run("pairwise,k=4", "--config.model.dtype=bfloat16"),
