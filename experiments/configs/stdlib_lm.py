@@ -22,8 +22,9 @@ processes sharing the runs through --shard):
     python -m experiments.compare --config=experiments/configs/stdlib_lm.py:long_deep \
         --workdir=docs/results/stdlib_lm_k8
 
-Why pairwise and 3-wise under the default `last` rule stall on this model, and `sum`
-does not: docs/results/lm_last_rule/README.md.
+Why pairwise and 3-wise under the default `last` rule stall on this model, and neither
+`sum` nor `last` with a Transformer block in each aux head
+(`--config.model.aux_head=block_norm_unembed`) does: docs/results/lm_last_rule/README.md.
 """
 
 from __future__ import annotations
