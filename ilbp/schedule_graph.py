@@ -339,6 +339,7 @@ def list_schedule(ops: Sequence[Op], num_devices: int, priority: str = "sends_fi
     run = _ListScheduler(ops, num_devices, priority)
     while run.done < len(ops):
         # Start what can start now; zero-cost ops may make more ready at the same time.
+        # `|`, not `or`: each pass both ends the due ops and starts the ready ones.
         while run.finish_due() | run.start_ready():
             pass
         if run.done < len(ops):
