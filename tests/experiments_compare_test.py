@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 
@@ -11,6 +12,7 @@ import pytest
 
 from experiments.lib import checkpoints, models, report, report_files
 from ilbp import costs
+from ilbp.schedule_graph import OpKind
 from tests import experiments_fixtures as fx
 
 
@@ -127,6 +129,22 @@ def test_e2e_rows_show_no_aux_accuracy():
     assert "| e2e | 0.5000 (n=1) | — / — |" in table and "| 0.200 / 0.300 |" in table
     # One seed each: the gap is given without a verdict it has no spread for.
     assert "= +0.0000 (one seed: no spread to judge it by)" in table
+
+
+def test_stage_costs_section_prices_each_op_on_the_hardware():
+    """results.md's op-cost table: each op's FLOPs over the peak, each boundary's bytes
+    over the link; strategies cut alike share one table, others get their own."""
+    hardware = costs.Hardware("toy", flops_per_s=1e9, link_bytes_per_s=1e6)
+    ops = {kind: (2e6, 0.0) for kind in OpKind}  # 2 ms per op on stage 0, none on 1
+    shared = costs.StageCosts(ops, "flop", {}, (3 * 2**20, 512.0), (250.0,), batch_size=8)
+    text = report_files.render_stage_costs({"e2e": shared, "pairwise": shared}, hardware)
+    assert "| 0 | 2 ms | 2 ms | 2 ms | 2 ms | 2 ms | 2 ms | 2 ms | 3 MiB |" in text
+    assert "| 1 | — | — | — | — | — | — | — | 512 B |" in text
+    assert text.count("| stage |") == 1 and "e2e, pairwise:" not in text
+    moved = dataclasses.replace(shared, batch_size=16)
+    text = report_files.render_stage_costs({"e2e": shared, "pairwise": moved}, hardware)
+    assert text.count("| stage |") == 2 and "\n\npairwise:\n\n" in text
+    assert "| 0 | 2 ms | 2 ms | 2 ms | 2 ms | 2 ms | 2 ms | 4 ms | 3 MiB |" in text
 
 
 def test_compare_bad_lists(idx_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 Run r of strategy s and seed i trains in WORKDIR/<s>/seed<i> (so an interrupted
 comparison resumes run by run). Outputs in WORKDIR:
-  results.md   per-strategy table (mean ± sample std over seeds) and per-run table
+  results.md   per-strategy table (mean ± sample std over seeds), the predictions with
+               the per-stage op costs behind them, and the per-run table
   results.csv  the per-strategy table; runs.csv the per-run numbers; curves.csv every
                run's evaluations by step
   test_<metric>.png  the test metric against step, one colour per strategy
@@ -110,9 +111,11 @@ def preflight(runs: list[ml_collections.ConfigDict], workdir: str, info: data.Da
             ckpts.close()
 
 
-def predict_runs(runs: list[ml_collections.ConfigDict]) -> dict[str, costs.Throughput]:
+def predict_runs(
+    runs: list[ml_collections.ConfigDict],
+) -> tuple[dict[str, costs.Throughput], dict[str, costs.StageCosts]]:
     """Each strategy's predicted throughput from its model's per-stage op costs at the
-    config's K and M (module docstring), by strategy name."""
+    config's K and M (module docstring), and those costs; both by strategy name."""
     first = runs[0]
     info = datasets.build_data(first, "train").info
     batch = data.batches(datasets.build_data(first, "train"), int(first.batch_size), seed=0)
@@ -131,18 +134,19 @@ def predict_runs(runs: list[ml_collections.ConfigDict]) -> dict[str, costs.Throu
     plain.strategy, plain.combine, plain.aux_weight = "e2e", "last", 1.0
     e2e_costs = costs_of(plain)
     baselines = costs.pipeline_baselines(e2e_costs)
-    out = {}
+    out, op_costs = {}, {}
     for c in runs:
         strategy = models.build_strategy(c)
         if strategy.name not in out:
+            op_costs[strategy.name] = costs_of(c)
             out[strategy.name] = costs.predict_throughput(
                 strategy,
-                costs_of(c),
+                op_costs[strategy.name],
                 int(c.microbatches),
                 e2e_costs=e2e_costs,
                 baselines=baselines,
             )
-    return out
+    return out, op_costs
 
 
 def quality_target(summaries: list[dict[str, Any]]) -> QualityTarget:
@@ -278,10 +282,10 @@ def compare(
         raise ValueError(f"No run of this comparison has finished in {workdir} yet.")
     for s in summaries:  # runs finished before bits per byte were recorded
         s["test"] = with_bits_per_byte(s["test"], train.info.token_bytes)
-    predictions = predict_runs(runs)
+    predictions, op_costs = predict_runs(runs)
     target = quality_target(summaries)
     rows = aggregate(summaries, predictions, times_to_quality(summaries, predictions, target))
-    table, markdown = render_markdown(rows, summaries, config, target)
+    table, markdown = render_markdown(rows, summaries, config, target, op_costs)
     if unfinished:
         note = f"Not yet finished, so not in this report: {', '.join(unfinished)}."
         table, markdown = f"{table}\n\n{note}", f"{markdown.rstrip()}\n\n{note}\n"

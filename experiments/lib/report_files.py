@@ -12,10 +12,12 @@ import itertools
 import math
 import os
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from experiments.lib.metrics import METRICS_FILE, read_metrics
 from ilbp import costs
+from ilbp.schedule_graph import OpKind
 
 # Time to quality: reach this fraction of the reference's final quality (accuracy ×
 # 0.98; loss ÷ 0.98 for LMs).
@@ -77,6 +79,14 @@ def format_seconds(x: float) -> str:
     return f"{x / 1e-9:.3g} ns"
 
 
+def format_bytes(x: float) -> str:
+    """A size in bytes with a readable binary unit."""
+    for unit, scale in (("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} B"
+
+
 def _time_to_target(r: dict) -> str:
     if r["target_reached"].startswith("0/"):
         return f"not reached ({r['target_reached']})"
@@ -116,30 +126,78 @@ def render_predictions(rows: list[dict], K: int) -> str:
     return "\n".join(lines)
 
 
+_COST_COLUMNS = tuple(OpKind)  # F, A, V, W, B, U
+
+
+def render_stage_costs(
+    by_strategy: Mapping[str, costs.StageCosts],
+    hardware: costs.Hardware = costs.DEFAULT_HARDWARE,
+) -> str:
+    """The per-stage op costs behind the predictions, one table per distinct set of
+    costs (strategies whose stages are cut alike share one), in seconds on `hardware`."""
+    groups: dict[int, tuple[list[str], costs.StageCosts]] = {}
+    for name, stage_costs in by_strategy.items():
+        groups.setdefault(id(stage_costs), ([], stage_costs))[0].append(name)
+    first = next(iter(groups.values()))[1]
+    source = "XLA's FLOP count over the peak" if first.unit == "flop" else "measured"
+    parts = [
+        f"Each stage's ops on one step's batch of {first.batch_size} as one microbatch, "
+        f"on {hardware.name} ({source}): F forward, A aux head (forward and backward), "
+        "V input VJP, W parameter VJP, B both VJPs as one op, U update; send: h_k over "
+        "the link to stage k + 1 (its cotangent returns at the same size); residuals: the "
+        "forward residuals one example leaves on the stage. The predictions above are "
+        "built from these."
+    ]
+    for names, stage_costs in groups.values():
+        if len(groups) > 1:
+            parts.append(f"{', '.join(names)}:")
+        parts.append(_stage_costs_table(stage_costs, hardware))
+    return "\n\n".join(parts)
+
+
+def _stage_costs_table(stage_costs: costs.StageCosts, hardware: costs.Hardware) -> str:
+    def time(seconds: float) -> str:
+        return format_seconds(seconds) if seconds > 0 else "—"
+
+    kinds = " | ".join(kind.value for kind in _COST_COLUMNS)
+    lines = [
+        f"| stage | {kinds} | send h_k | residuals / example |",
+        "|---|" + "---|" * (len(_COST_COLUMNS) + 2),
+    ]
+    sends = [
+        b * stage_costs.batch_size / hardware.link_bytes_per_s for b in stage_costs.boundary_bytes
+    ]
+    for k in range(stage_costs.num_stages):
+        ops = " | ".join(time(stage_costs.seconds(kind, k, hardware)) for kind in _COST_COLUMNS)
+        send = time(sends[k]) if k < len(sends) else "—"
+        residuals = format_bytes(stage_costs.residual_bytes[k])
+        lines.append(f"| {k} | {ops} | {send} | {residuals} |")
+    return "\n".join(lines)
+
+
 def render_markdown(
-    rows: list[dict], summaries: list[dict], config, target: QualityTarget
+    rows: list[dict],
+    summaries: list[dict],
+    config,
+    target: QualityTarget,
+    stage_costs: Mapping[str, costs.StageCosts] | None = None,
 ) -> tuple[str, str]:
-    """(the per-strategy table and ranking, which `compare` prints; all of results.md)."""
+    """(the per-strategy table and ranking, which `compare` prints; all of results.md).
+
+    `stage_costs` (by strategy) adds the op costs behind the predictions."""
     metric, K = summaries[0]["metric"], summaries[0]["num_stages"]
     summary = f"{_strategy_table(rows, metric, K)}\n\n{_ranking(rows, metric)}"
-    return summary, "\n".join(
-        [
-            f"# {config.name}: strategies compared",
-            "",
-            _preamble(rows, summaries[0], config, target),
-            "",
-            summary,
-            "",
-            "## Predicted throughput",
-            "",
-            render_predictions(rows, K),
-            "",
-            "## Runs",
-            "",
-            _runs_table(summaries, metric),
-            "",
-        ]
-    )
+    sections = [
+        f"# {config.name}: strategies compared",
+        _preamble(rows, summaries[0], config, target),
+        summary,
+        "## Predicted throughput",
+        render_predictions(rows, K),
+    ]
+    if stage_costs:
+        sections += ["### Per-stage op costs", render_stage_costs(stage_costs)]
+    sections += ["## Runs", _runs_table(summaries, metric)]
+    return summary, "\n\n".join(sections) + "\n"
 
 
 def _strategy_table(rows: list[dict], metric: str, K: int) -> str:
