@@ -24,7 +24,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-from experiments.lib.report_files import COMMAND_FILE, format_seconds
+from experiments.lib.report_files import COMMAND_FILE, time_to_target_cell
 from ilbp.strategy import Strategy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,11 +151,7 @@ def _prediction_cells(row: dict[str, str]) -> list[str]:
         best, pipeline_memory = "none fits", "–"
     memory = f"{float(row['pred_activation_MiB']):.3g} MiB / {pipeline_memory}"
     mean, std = float(row["time_to_target_s_mean"]), float(row["time_to_target_s_std"])
-    if math.isnan(mean):
-        reach = f"not reached ({row['target_reached']})"
-    else:
-        spread = "" if math.isnan(std) else f" ± {format_seconds(std)}"
-        reach = f"{format_seconds(mean)}{spread} ({row['target_reached']})"
+    reach = time_to_target_cell(mean, std, row["target_reached"])
     return [f"{float(row['pred_vs_e2e_split_M1']):.2f}", best, memory, reach]
 
 

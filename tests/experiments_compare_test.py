@@ -215,3 +215,10 @@ def test_finished_only_reports_what_has_finished_and_trains_nothing(idx_dir, tmp
     assert "Not yet finished, so not in this report: pairwise seed 0, pairwise seed 1." in table
     assert not os.path.exists(tmp_path / "pairwise")
     assert fx.tree_digest(str(tmp_path / "global")) == before
+
+
+def test_time_to_target_cell():
+    cell = report_files.time_to_target_cell
+    assert cell(0.0328, 0.0, "3/3") == "32.8 ms ± 0 s (3/3)"  # every seed at one eval
+    assert cell(2.5, float("nan"), "1/2") == "2.5 s (1/2)"  # one seed: no spread
+    assert cell(float("nan"), float("nan"), "0/2") == "not reached (0/2)"

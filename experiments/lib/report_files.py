@@ -73,6 +73,8 @@ def format_seconds(x: float) -> str:
     """A duration with a readable unit."""
     if x != x:  # NaN
         return "nan"
+    if x == 0:
+        return "0 s"
     for unit, scale in (("h", 3600.0), ("min", 60.0), ("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if x >= scale:
             return f"{x / scale:.3g} {unit}"
@@ -87,13 +89,18 @@ def format_bytes(x: float) -> str:
     return f"{x:.3g} B"
 
 
+def time_to_target_cell(mean: float, std: float, reached: str) -> str:
+    """Time to target over seeds: mean ± std (no spread from one seed) and
+    `reached` ("seeds that reached it/all"); "not reached" when no seed did."""
+    if reached.startswith("0/") or math.isnan(mean):
+        return f"not reached ({reached})"
+    spread = "" if math.isnan(std) else f" ± {format_seconds(std)}"
+    return f"{format_seconds(mean)}{spread} ({reached})"
+
+
 def _time_to_target(r: dict) -> str:
-    if r["target_reached"].startswith("0/"):
-        return f"not reached ({r['target_reached']})"
-    spread = (
-        f" ± {format_seconds(r['time_to_target_s_std'])}" if r["time_to_target_s_std"] >= 0 else ""
-    )
-    return f"{format_seconds(r['time_to_target_s_mean'])}{spread} ({r['target_reached']})"
+    mean, std = r["time_to_target_s_mean"], r["time_to_target_s_std"]
+    return time_to_target_cell(mean, std, r["target_reached"])
 
 
 def _vs_pipeline(r: dict) -> str:
