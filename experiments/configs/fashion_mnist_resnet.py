@@ -24,6 +24,10 @@ on 2 CPU cores, faster with two processes sharing the runs through --shard):
         --workdir=docs/results/fmnist_k4
     python -m experiments.compare --config=experiments/configs/fashion_mnist_resnet.py:long,k=8 \
         --workdir=docs/results/fmnist_k8
+
+Result at K=4 (docs/results/fmnist_k4, 3 seeds, final test accuracy, mean ± std): e2e =
+global 0.9285 ± 0.0011, 3-wise 0.9154 ± 0.0029, pairwise 0.9074 ± 0.0031, local 0.9051 ±
+0.0019. K=8: docs/results/fmnist_k8 (training).
 """
 
 from __future__ import annotations
