@@ -141,6 +141,12 @@ class StageCosts:
             t = max(t, self.bytes_accessed[kind][k] / hardware.memory_bytes_per_s)
         return t
 
+    def send_seconds(self, k: int, hardware: Hardware, examples: float | None = None) -> float:
+        """Sending h_k (boundary k) for `examples` (default: the whole batch) to stage
+        k + 1 over the hardware's link, in seconds."""
+        examples = self.batch_size if examples is None else examples
+        return self.boundary_bytes[k] * examples / hardware.link_bytes_per_s
+
     def cost_model(self, microbatches: int, hardware: Hardware = DEFAULT_HARDWARE) -> CostModel:
         """The schedule model's costs (seconds) for M microbatches of the batch."""
         if self.batch_size % microbatches:
@@ -159,7 +165,9 @@ class StageCosts:
             fused_vjp=per_mb(OpKind.BACKWARD),
             aux=per_mb(OpKind.AUX),
             update=tuple(self.seconds(OpKind.UPDATE, k, hardware) for k in range(self.num_stages)),
-            transfer=tuple(b * examples / hardware.link_bytes_per_s for b in self.boundary_bytes),
+            transfer=tuple(
+                self.send_seconds(k, hardware, examples) for k in range(self.num_stages - 1)
+            ),
         )
 
 

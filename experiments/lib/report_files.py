@@ -171,12 +171,10 @@ def _stage_costs_table(stage_costs: costs.StageCosts, hardware: costs.Hardware) 
         f"| stage | {kinds} | send h_k | residuals / example |",
         "|---|" + "---|" * (len(_COST_COLUMNS) + 2),
     ]
-    sends = [
-        b * stage_costs.batch_size / hardware.link_bytes_per_s for b in stage_costs.boundary_bytes
-    ]
+    last = stage_costs.num_stages - 1
     for k in range(stage_costs.num_stages):
         ops = " | ".join(time(stage_costs.seconds(kind, k, hardware)) for kind in _COST_COLUMNS)
-        send = time(sends[k]) if k < len(sends) else "—"
+        send = time(stage_costs.send_seconds(k, hardware)) if k < last else "—"
         residuals = format_bytes(stage_costs.residual_bytes[k])
         lines.append(f"| {k} | {ops} | {send} | {residuals} |")
     return "\n".join(lines)
