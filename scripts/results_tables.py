@@ -9,8 +9,9 @@ runs.csv (every run's final test metrics), results.csv (per-strategy predictions
 time to quality) and command.txt (the command that produced them). Every test number
 is the mean ± sample std over seeds, each aux head's the mean; the recovery ratio
 (s − local)/(e2e − local) of every interlocking strategy s, in the quality metric (test
-accuracy; test loss for LMs), is taken per seed, then averaged. A marker whose
-directory has no runs.csv yet (none, or still training) renders as a one-line note.
+accuracy; test loss for LMs), is taken per seed, then averaged, and printed with its
+denominator e2e − local, flagged as noise when that gap is within two sample std of 0.
+A marker whose directory has no runs.csv yet (none, or still training) renders as a one-line note.
 """
 
 from __future__ import annotations
@@ -50,19 +51,33 @@ def quality_metric(runs: list[dict[str, str]]) -> str:
     return "loss" if "perplexity" in runs[0] else "accuracy"
 
 
+def _per_seed(runs: list[dict[str, str]], metric: str, strategies: Sequence[str]):
+    """`metric` of each of `strategies`, for every seed that ran all of them."""
+    by = {(r["strategy"], r["seed"]): float(r[metric]) for r in runs}
+    for seed in sorted({seed for _, seed in by}, key=int):
+        if all((s, seed) in by for s in strategies):
+            yield [by[s, seed] for s in strategies]
+
+
 def recovery(runs: list[dict[str, str]], metric: str, strategy: str = "pairwise") -> list[float]:
     """Per seed that e2e, local and `strategy` all ran: (strategy − local)/(e2e − local)."""
-    by = {(r["strategy"], r["seed"]): float(r[metric]) for r in runs}
-    seeds = sorted({seed for _, seed in by}, key=int)
-    ratios = []
-    for seed in seeds:
-        try:
-            e2e, local, mine = (by[s, seed] for s in ("e2e", "local", strategy))
-        except KeyError:
-            continue
-        if e2e != local:
-            ratios.append((mine - local) / (e2e - local))
-    return ratios
+    return [
+        (mine - local) / (e2e - local)
+        for e2e, local, mine in _per_seed(runs, metric, ("e2e", "local", strategy))
+        if e2e != local
+    ]
+
+
+def gap_note(runs: list[dict[str, str]], metric: str) -> str:
+    """The recovery's denominator e2e − local per seed, flagged when it cannot be told
+    from 0 (|mean| < 2 sample std): then every ratio divides by seed noise."""
+    gaps = [e2e - local for e2e, local in _per_seed(runs, metric, ("e2e", "local"))]
+    if not gaps:
+        return ""
+    note = f" It divides by e2e − local = {_spread(gaps)}"
+    if len(gaps) > 1 and abs(statistics.fmean(gaps)) < 2 * statistics.stdev(gaps):
+        note += f": within 2 std of 0, so the ratios are noise; compare the test {metric} directly"
+    return note + "."
 
 
 def recovery_line(runs: list[dict[str, str]], metric: str) -> str:
@@ -74,8 +89,13 @@ def recovery_line(runs: list[dict[str, str]], metric: str) -> str:
         ratios = recovery(runs, metric, strategy)
         if ratios:
             parts.append(f"{strategy} {_spread(ratios, 3)}")
-    found = "; ".join(parts) or "n/a (needs e2e, local and an interlocking strategy)"
-    return f"Recovery (strategy − local)/(e2e − local) of test {metric}, per seed: {found}."
+    if not parts:
+        return "Recovery: n/a (needs e2e, local and an interlocking strategy)."
+    found = "; ".join(parts)
+    return (
+        f"Recovery (strategy − local)/(e2e − local) of test {metric}, per seed: {found}."
+        + gap_note(runs, metric)
+    )
 
 
 def aux_cell(mine: list[dict[str, str]], metric: str) -> str:

@@ -71,6 +71,24 @@ def test_language_model_tables_use_loss():
     assert results_tables.recovery(runs[:2], "loss") == []  # no pairwise run
 
 
+def test_recovery_names_its_denominator_and_flags_it_when_it_is_noise():
+    def runs(e2e: list[float], local: list[float]) -> list[dict[str, str]]:
+        values = {"e2e": e2e, "local": local, "pairwise": [0.7, 0.7]}
+        return [
+            {"strategy": s, "seed": str(i), "accuracy": str(v)}
+            for s, seeds in values.items()
+            for i, v in enumerate(seeds)
+        ]
+
+    clear = results_tables.recovery_line(runs([0.9, 0.8], [0.5, 0.6]), "accuracy")
+    assert clear.endswith("It divides by e2e − local = 0.3000 ± 0.1414 (n=2).")
+    noise = results_tables.recovery_line(runs([0.62, 0.58], [0.6, 0.6]), "accuracy")
+    assert (
+        "e2e − local = 0.0000 ± 0.0283 (n=2): within 2 std of 0, so the ratios are noise" in noise
+    )
+    assert "n/a" in results_tables.recovery_line(runs([0.9], [0.5])[:2], "accuracy")
+
+
 def test_fill_and_check(tmp_path):
     _write_results(str(tmp_path), "tiny_k4", IMAGES)
     readme = tmp_path / "README.md"
