@@ -318,7 +318,13 @@ def test_named_variants_apply_before_the_other_tokens():
     c = stdlib_lm.get_config("long_deep")
     assert (c.model.num_layers, c.num_stages, c.num_train_steps) == (8, 8, 1000)
     assert "pairwise:sum" in stdlib_lm.get_config("long").compare.strategies
-    with pytest.raises(ValueError, match="This config's variants: long, long_deep"):
+    c = stdlib_lm.get_config("long_block_heads")
+    assert (c.model.aux_head, c.num_train_steps, c.compare.seeds) == (
+        "block_norm_unembed",
+        1000,
+        "0,1",
+    )
+    with pytest.raises(ValueError, match="This config's variants: long, long_deep, long_block"):
         stdlib_lm.get_config("lung")
 
 

@@ -21,6 +21,8 @@ processes sharing the runs through --shard):
         --workdir=docs/results/stdlib_lm_k4
     python -m experiments.compare --config=experiments/configs/stdlib_lm.py:long_deep \
         --workdir=docs/results/stdlib_lm_k8
+    python -m experiments.compare --config=experiments/configs/stdlib_lm.py:long_block_heads \
+        --workdir=docs/results/stdlib_lm_k4_block_heads
 
 Why pairwise and 3-wise under the default `last` rule stall on this model, and neither
 `sum` nor `last` with a Transformer block in each aux head
@@ -77,4 +79,19 @@ def long_deep_comparison(c: ml_collections.ConfigDict) -> None:
     c.compare.seeds = "0,1"
 
 
-VARIANTS: dict[str, common.Variant] = {"long": long_comparison, "long_deep": long_deep_comparison}
+def long_block_heads_comparison(c: ml_collections.ConfigDict) -> None:
+    """`:long_block_heads`: as `:long` with a Transformer block in every aux head
+    (`block_norm_unembed`), docs/results/stdlib_lm_k4_block_heads: whether the heads
+    that removed the `last` rule's stall at 200 steps (docs/results/lm_last_rule) keep
+    it away over 1,000. Two seeds; no global (its trunk trains as e2e's does)."""
+    long_comparison(c)
+    c.model.aux_head = "block_norm_unembed"
+    c.compare.strategies = "e2e,local,pairwise,3wise,pairwise:sum,3wise:sum"
+    c.compare.seeds = "0,1"
+
+
+VARIANTS: dict[str, common.Variant] = {
+    "long": long_comparison,
+    "long_deep": long_deep_comparison,
+    "long_block_heads": long_block_heads_comparison,
+}
