@@ -266,10 +266,14 @@ def _preamble(rows: list[dict], s0: dict, config, target: QualityTarget) -> str:
         "backward at M = 1, and to the fastest e2e pipeline (1F1B or zero-bubble split "
         "backward, M ≤ 16) whose activation memory per device does not exceed the "
         f"strategy's. Time to target: predicted wall-clock until {target.describe()}, "
-        "per seed (mean ± std; seeds that reached it / all). The curves use the first "
-        f"{config.eval_examples or 'all'} test examples every {config.eval_every_steps} "
+        "per seed (mean ± std; seeds that reached it / all). The curves use "
+        f"{_curve_examples(config.eval_examples)} every {config.eval_every_steps} "
         "steps; their last point is the final evaluation."
     )
+
+
+def _curve_examples(eval_examples: int) -> str:
+    return f"the first {eval_examples} test examples" if eval_examples else "all test examples"
 
 
 def _seed_counts(rows: list[dict]) -> str:
