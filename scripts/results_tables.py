@@ -75,7 +75,9 @@ def gap_note(runs: list[dict[str, str]], metric: str) -> str:
     if not gaps:
         return ""
     note = f" It divides by e2e − local = {_spread(gaps)}"
-    if len(gaps) > 1 and abs(statistics.fmean(gaps)) < 2 * statistics.stdev(gaps):
+    if len(gaps) == 1:
+        note += ": one seed, no spread to tell it from 0"
+    elif abs(statistics.fmean(gaps)) < 2 * statistics.stdev(gaps):
         note += f": within 2 std of 0, so the ratios are noise; compare the test {metric} directly"
     return note + "."
 

@@ -86,6 +86,8 @@ def test_recovery_names_its_denominator_and_flags_it_when_it_is_noise():
     assert (
         "e2e − local = 0.0000 ± 0.0283 (n=2): within 2 std of 0, so the ratios are noise" in noise
     )
+    one = results_tables.recovery_line(runs([0.9], [0.5]), "accuracy")
+    assert one.endswith("e2e − local = 0.4000 (n=1): one seed, no spread to tell it from 0.")
     assert "n/a" in results_tables.recovery_line(runs([0.9], [0.5])[:2], "accuracy")
 
 
