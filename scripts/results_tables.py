@@ -11,7 +11,8 @@ is the mean ± sample std over seeds, each aux head's the mean; the recovery rat
 (s − local)/(e2e − local) of every interlocking strategy s, in the quality metric (test
 accuracy; test loss for LMs), is taken per seed, then averaged, and printed with its
 denominator e2e − local, flagged as noise when that gap is within two sample std of 0.
-A marker whose directory has no runs.csv yet (none, or still training) renders as a one-line note.
+A marker whose directory has no runs.csv yet (none, or still training) renders as a
+one-line note.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from experiments.lib.report_files import COMMAND_FILE, time_to_target_cell
 from ilbp.strategy import Strategy
@@ -51,7 +52,9 @@ def quality_metric(runs: list[dict[str, str]]) -> str:
     return "loss" if "perplexity" in runs[0] else "accuracy"
 
 
-def _per_seed(runs: list[dict[str, str]], metric: str, strategies: Sequence[str]):
+def _per_seed(
+    runs: list[dict[str, str]], metric: str, strategies: Sequence[str]
+) -> Iterator[list[float]]:
     """`metric` of each of `strategies`, for every seed that ran all of them."""
     by = {(r["strategy"], r["seed"]): float(r[metric]) for r in runs}
     for seed in sorted({seed for _, seed in by}, key=int):
